@@ -1,0 +1,359 @@
+"""Run configuration: nested dataclasses loaded from YAML, validated, overridable.
+
+Pure module: it reads YAML text and builds values; it touches no GPU, process group
+or environment variable. `load_config` is the one way in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
+ARCHS = ("llama", "mistral", "qwen2")
+DTYPES = ("auto", "float32", "bfloat16")
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
+
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    """transformers model_type of a Llama-family causal LM: llama, mistral or qwen2."""
+    pretrained_path: str | None = None
+    """Local directory with config.json and safetensors weights; None builds from the fields below."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 172
+    """Width of the MLP."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    vocab_size: int = 256
+    """Vocabulary size; every token id in the data must be below it."""
+    max_seq_len: int = 256
+    """Longest sequence the position embedding supports; must be >= data.seq_len."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    dtype: str = "auto"
+    """Training precision: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, "model.arch", self.arch, f"use one of {', '.join(ARCHS)}")
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            _require(value >= 1, f"model.{name}", value, "must be a positive integer")
+        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+                 f"must be divisible by model.num_heads={self.num_heads}")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
+                 f"must divide model.num_heads={self.num_heads}")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Pre-tokenized token file (.npy, or raw .bin of `dtype`). None: generate a synthetic corpus."""
+    synthetic_tokens: int = 100_000
+    """Size of the generated corpus when path is None (written once into the run directory)."""
+    dtype: str = "uint16"
+    """Element type of a raw .bin token file (.npy files carry their own)."""
+    seq_len: int = 64
+    """Tokens per training sample (each sample reads seq_len + 1 tokens)."""
+    seed: int = 1234
+    """Seed of the per-epoch sample permutation (and of the synthetic corpus)."""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be a positive integer")
+        _require(self.dtype in TOKEN_DTYPES, "data.dtype", self.dtype,
+                 f"use one of {', '.join(TOKEN_DTYPES)}")
+        if self.path is None:
+            _require(self.synthetic_tokens > self.seq_len, "data.synthetic_tokens",
+                     self.synthetic_tokens,
+                     "set data.path to a pre-tokenized file, or data.synthetic_tokens to more than "
+                     f"data.seq_len={self.seq_len} to generate a corpus")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Total optimizer steps of the run."""
+    global_batch: int = 8
+    """Samples per optimizer step, summed over all ranks and accumulation steps. Fixed for a run."""
+    seed: int = 0
+    """Seed of model initialisation and of every rank's RNG."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warm-up length in optimizer steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold; 0 disables clipping."""
+    log_every: int = 10
+    """Log a progress line every this many steps."""
+    deterministic: bool = True
+    """Use deterministic kernels so that a resumed run repeats the same losses bit for bit."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", self.steps, "must be a positive integer")
+        _require(self.global_batch >= 1, "train.global_batch", self.global_batch,
+                 "must be a positive integer")
+        _require(self.lr > 0, "train.lr", self.lr, "must be positive")
+        _require(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
+                 f"must lie between 0 and train.lr={self.lr}")
+        _require(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", self.warmup_steps,
+                 f"must lie between 0 and train.steps={self.steps}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2",
+                 (self.beta1, self.beta2), "each must lie in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every this many optimizer steps; 0 disables step-based saves."""
+    every_min: float = 0.0
+    """Save when this many minutes have passed since the last save; 0 disables."""
+    keep: int = 3
+    """Newest complete checkpoints to keep (at least 2, so one always survives a bad save)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")
+        _require(self.every_min >= 0, "checkpoint.every_min", self.every_min, "must be >= 0")
+        _require(self.keep >= 2, "checkpoint.keep", self.keep,
+                 "keep at least 2 so a failed save never leaves the run without a checkpoint")
+
+
+@dataclass
+class PreemptionConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that mean: save at the next step boundary, then exit for requeue."""
+    exit_code: int = 75
+    """Exit status after a preemption save (75 = EX_TEMPFAIL: saved, please requeue)."""
+    max_restarts: int = 50
+    """Stop requeueing after this many restarts of the run."""
+    crash_loop_limit: int = 3
+    """Stop requeueing when this many allocations in a row end without progress."""
+
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            _require(name in SIGNAL_NAMES, "preemption.signals", name,
+                     f"use signal names from {', '.join(SIGNAL_NAMES)}")
+        _require(len(self.signals) >= 1, "preemption.signals", self.signals,
+                 "name at least one signal, e.g. [SIGTERM]")
+        _require(self.exit_code not in (0, 1, 2) and 0 < self.exit_code < 126,
+                 "preemption.exit_code", self.exit_code,
+                 "use a code in 3..125 that no crash produces (default 75)")
+        _require(self.max_restarts >= 0, "preemption.max_restarts", self.max_restarts, "must be >= 0")
+        _require(self.crash_loop_limit >= 1, "preemption.crash_loop_limit", self.crash_loop_limit,
+                 "must be >= 1")
+
+
+@dataclass
+class PlacementConfig:
+    micro_batch_sizes: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    """Allowed per-rank micro-batch sizes; the largest that divides the per-rank batch is used."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.micro_batch_sizes) >= 1 and all(m >= 1 for m in self.micro_batch_sizes),
+                 "placement.micro_batch_sizes", self.micro_batch_sizes,
+                 "give a list of positive integers, e.g. [8, 4, 2, 1]")
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = "preemptible"
+    """Partition the job script asks for."""
+    gpus_per_node: int = 4
+    """H100s per node (1-4); one training rank per GPU."""
+    cpus_per_gpu: int = 8
+    """CPU cores per GPU."""
+    mem_per_gpu_gb: int = 64
+    """Host memory per GPU, in GB."""
+    time_limit_min: int = 240
+    """Job time limit in minutes."""
+    signal_lead_s: int = 120
+    """Seconds before the time limit at which SLURM sends the grace signal."""
+    requeue_timeout_s: int = 60
+    """Timeout of the `scontrol requeue` call."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.gpus_per_node <= 4, "slurm.gpus_per_node", self.gpus_per_node,
+                 "telepathy runs 1-4 GPUs per node")
+        _require(self.time_limit_min >= 1, "slurm.time_limit_min", self.time_limit_min, "must be >= 1")
+        _require(self.signal_lead_s >= 1, "slurm.signal_lead_s", self.signal_lead_s, "must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+                 f"must be <= model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields whose change alters the training trajectory: resuming across such a change is refused.
+TRAJECTORY_KEYS = (
+    "model.*",
+    "data.*",
+    "train.steps", "train.global_batch", "train.seed", "train.lr", "train.min_lr",
+    "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
+    "train.grad_clip",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Describe each change between two config dicts that would break an exact resume."""
+    old, new = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        section, _, _ = key.partition(".")
+        if f"{section}.*" not in TRAJECTORY_KEYS and key not in TRAJECTORY_KEYS:
+            continue
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {names}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}"
+                      f"{' (e.g. [1, 2])' if origin is list else ''}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} in {where}; valid keys: "
+                          f"{', '.join(valid)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r} is not of the form section.key=value "
+                          "(e.g. --set train.steps=200)")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a path "
+                          "such as configs/tiny-cpu.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    try:
+        return config_from_dict(tree, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,73 @@
+"""RunPaths: the one place that names every file of a run directory."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
+MANIFEST = "MANIFEST.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> "RunPaths":
+        return cls(Path(root).absolute())
+
+    @property
+    def config(self) -> Path:
+        """The effective configuration of the run, as first started."""
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logs(self) -> Path:
+        """Job output files (the sbatch template writes here)."""
+        return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    def synthetic_corpus(self, tokens: int, vocab: int, seed: int) -> Path:
+        return self.data / f"synthetic-v{vocab}-n{tokens}-s{seed}.npy"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory name, or None for anything else."""
+    match = CHECKPOINT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoint_steps(checkpoints: Path) -> list[int]:
+    """Steps of the checkpoints whose manifest exists (not verified), oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    steps = [checkpoint_step(p.name) for p in checkpoints.iterdir() if (p / MANIFEST).is_file()]
+    return sorted(s for s in steps if s is not None)

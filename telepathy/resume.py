@@ -1,0 +1,244 @@
+"""`python -m telepathy.resume`: start a run, or resume it from its newest valid checkpoint.
+
+The same command does both, as one process (world size 1), under `torchrun`, or under `srun`.
+Exit status: 0 finished, `preemption.exit_code` (75) saved and ready to requeue, 2 bad input,
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import logs
+from .config import Config, PreemptionConfig, load_config, trajectory_changes
+from .envinfo import DistEnv, SlurmEnv
+from .errors import ResumeRefused, RunLocked, TelepathyError
+from .faults import FaultPlan
+from .jsonl import JsonlWriter, NullWriter, read_jsonl
+from .paths import RunPaths
+from .runlock import RunLock
+from .signals import PreemptionFlag
+
+log = logging.getLogger("telepathy.resume")
+
+BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m telepathy.resume", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=200")
+    p.add_argument("--force", action="store_true",
+                   help="resume even if the config changes the training trajectory")
+    return p.parse_args(argv)
+
+
+def check_inputs(cfg: Config, env: DistEnv) -> None:
+    """Everything that can be checked before any distributed or GPU work."""
+    from .data import open_tokens
+    from .placement import choose_layout
+
+    if cfg.data.path is not None:
+        open_tokens(cfg.data.path, cfg.data.dtype)
+    if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
+        raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
+                             "config.json; point it at a local Hugging Face model directory")
+    choose_layout(cfg.train.global_batch, env.world_size, cfg.placement.micro_batch_sizes)
+
+
+def _init_process_group(env: DistEnv, cuda: bool):
+    """Set the variables DeepSpeed reads, then start the process group."""
+    import torch
+
+    from .distributed import Dist, free_port
+
+    os.environ.update(MASTER_ADDR=env.master_addr, RANK=str(env.rank),
+                      WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_PORT=str(env.master_port or free_port()))
+    import deepspeed
+
+    # A shared-memory collective that JIT-compiles for ~46 s and changes nothing for gloo.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(env.rank, env.world_size, device)
+
+
+def _stream(cfg: Config, paths: RunPaths, dist) -> Any:
+    from .data import TokenStream, generate_corpus, open_tokens, write_corpus
+
+    path = cfg.data.path
+    if path is None:
+        corpus = paths.synthetic_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
+                                        cfg.data.seed)
+        if dist.is_main and not corpus.exists():
+            write_corpus(corpus, generate_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
+                                                 cfg.data.seed))
+        dist.barrier()
+        path = corpus
+    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed,
+                       cfg.model.vocab_size)
+
+
+def _count_launches(paths: RunPaths) -> int:
+    return sum(1 for e in read_jsonl(paths.events) if e.get("event") == "launch")
+
+
+def _lock_run(dist, paths: RunPaths, slurm: SlurmEnv) -> RunLock:
+    """Rank 0 takes the run lock; every rank learns whether it got it."""
+    import torch.distributed
+
+    lock = RunLock(paths.lock, slurm.job_id)
+    refused = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except RunLocked as exc:
+            refused = str(exc)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        torch.distributed.destroy_process_group()
+        raise RunLocked(refused)
+    return lock
+
+
+def _check_resumable(found, cfg: Config, world_size: int, force: bool) -> list[str]:
+    """Refuse a resume that cannot be exact; return the changes that --force lets through."""
+    saved_world = found.state["world_size"]
+    if saved_world != world_size:
+        raise ResumeRefused(
+            f"checkpoint {found.path.name} was written at world size {saved_world}, this job has "
+            f"{world_size} ranks; run with {saved_world} ranks")
+    changes = trajectory_changes(found.state["config"], cfg.to_dict())
+    if changes and not force:
+        raise ResumeRefused(
+            f"the config differs from checkpoint {found.path.name} in ways that change the "
+            f"training trajectory: {'; '.join(changes)}. Restore those values, or pass --force "
+            "to resume anyway (the run will no longer match an uninterrupted one)")
+    return changes
+
+
+def _newest_checkpoint(checkpoints, dist, events, base: dict[str, Any]):
+    """Verify checkpoints newest first; log and set aside the bad ones; tidy up after crashes."""
+    started = time.time()
+    found, rejected = checkpoints.newest_valid()
+    for item in rejected:
+        log.warning("skipping checkpoint %s: %s", item["checkpoint"], "; ".join(item["problems"]))
+        events.write({"event": "checkpoint_rejected", **base, **item})
+    if dist.is_main:  # no save is in flight (we hold the run lock)
+        checkpoints.set_aside(rejected)
+        checkpoints.prune()
+    return found, time.time() - started
+
+
+def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: PreemptionFlag,
+          force: bool, faults: FaultPlan) -> int:
+    import torch
+    import torch.distributed
+
+    from . import rng
+    from .checkpoint import CheckpointManager
+    from .engine import build_engine, count_parameters
+    from .placement import choose_layout
+    from .trainer import RunInfo, Trainer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
+    layout = choose_layout(cfg.train.global_batch, env.world_size, cfg.placement.micro_batch_sizes)
+    dist = _init_process_group(env, cuda)
+    logs.set_rank(dist.rank)
+    lock = _lock_run(dist, paths, slurm)
+    events = JsonlWriter(paths.events) if dist.is_main else NullWriter()
+    metrics = JsonlWriter(paths.metrics) if dist.is_main else NullWriter()
+    try:
+        restart = dist.broadcast_object(_count_launches(paths) if dist.is_main else None)
+        info = RunInfo(restart=restart, job_id=slurm.job_id, launched_at=time.time())
+        base = {"time": info.launched_at, "restart": restart, "job_id": slurm.job_id}
+        events.write({"event": "launch", **base, "world_size": dist.world_size,
+                      "launcher": env.launcher, "slurm_restart_count": slurm.restart_count,
+                      "device": "cuda" if cuda else "cpu", "micro_batch": layout.micro_batch,
+                      "accum": layout.accum, "pid": os.getpid()})
+        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults)
+        found, verify_s = _newest_checkpoint(checkpoints, dist, events, base)
+        if found is not None:
+            changes = _check_resumable(found, cfg, dist.world_size, force)
+            if changes:
+                log.warning("resuming with --force despite changes: %s", "; ".join(changes))
+                events.write({"event": "config_forced", **base, "changes": changes})
+        if dist.is_main:
+            paths.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        stream = _stream(cfg, paths, dist)
+        engine = build_engine(cfg, layout, cuda)
+        rng.seed_all(cfg.train.seed + dist.rank)
+        start_step, train_time_s = 0, 0.0
+        if found is not None:
+            load_started = time.time()
+            checkpoints.load(engine, found)
+            load_s = time.time() - load_started
+            start_step, train_time_s = found.step, found.state.get("train_time_s", 0.0)
+            log.info("resumed from %s (step %d), restart %d; verified in %.2f s, loaded in %.2f s",
+                     found.path.name, found.step, restart, verify_s, load_s)
+            events.write({"event": "resume", **base, "step": found.step,
+                          "checkpoint": found.path.name, "verify_s": round(verify_s, 3),
+                          "load_s": round(load_s, 3)})
+        else:
+            parameters = count_parameters(engine)
+            log.info("starting a new run in %s: %d parameters, world %d, micro %d x accum %d",
+                     paths.root, parameters, dist.world_size, layout.micro_batch, layout.accum)
+            events.write({"event": "start", **base, "step": 0, "parameters": parameters})
+        trainer = Trainer(cfg, dist, engine, stream, layout, checkpoints, flag, metrics, events,
+                          info, faults)
+        return trainer.run(start_step, train_time_s)
+    except BaseException as exc:
+        events.write({"event": "error", "time": time.time(), "error": type(exc).__name__,
+                      "message": str(exc)[:2000]})
+        raise
+    finally:
+        events.close()
+        metrics.close()
+        lock.release()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Handlers first, for the default signals, before anything slow: a signal during start-up
+    # (config, imports, model build) is kept for the first step boundary, not lost.
+    with PreemptionFlag(PreemptionConfig().signals) as flag:
+        env = DistEnv.from_mapping(os.environ)
+        logs.configure(env.rank)
+        args = parse_args(argv)
+        try:
+            cfg = load_config(args.config, args.set)
+            flag.watch(cfg.preemption.signals)
+            check_inputs(cfg, env)
+            faults = FaultPlan.from_mapping(os.environ)
+            return train(cfg, RunPaths.at(args.run_dir), env, SlurmEnv.from_mapping(os.environ),
+                         flag, args.force, faults)
+        except TelepathyError as exc:
+            log.error("%s", exc)
+            return BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

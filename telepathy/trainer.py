@@ -1,0 +1,152 @@
+"""The training loop: steps, metrics, scheduled checkpoints, and preemption at step boundaries."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .checkpoint import CheckpointManager
+from .config import Config
+from .data import TokenStream, rank_slice
+from .distributed import Dist
+from .placement import Layout
+from .faults import FaultPlan
+from .signals import PreemptionFlag
+
+log = logging.getLogger(__name__)
+
+FINISHED = 0
+
+
+@dataclass
+class RunInfo:
+    """Facts about this allocation that go into every metric, event and checkpoint."""
+
+    restart: int
+    job_id: str | None
+    launched_at: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: Dist, engine: Any, stream: TokenStream, layout: Layout,
+                 checkpoints: CheckpointManager, flag: PreemptionFlag, metrics: Any, events: Any,
+                 info: RunInfo, faults: FaultPlan = FaultPlan()):
+        self.cfg = cfg
+        self.dist = dist
+        self.engine = engine
+        self.stream = stream
+        self.layout = layout
+        self.checkpoints = checkpoints
+        self.flag = flag
+        self.metrics = metrics
+        self.events = events
+        self.info = info
+        self.faults = faults
+        self.train_time_s = 0.0
+        self.last_save_time = time.time()
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.events.write({"event": name, "time": time.time(), "restart": self.info.restart,
+                           "job_id": self.info.job_id, "rank_world": self.dist.world_size,
+                           **fields})
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[float, float]:
+        """Run optimizer step `step` (0-based). Returns (global mean loss, lr used)."""
+        self.faults.hit("step.exception", step + 1, self.dist.rank)
+        gb = self.cfg.train.global_batch
+        ids = self.stream.sample_ids(step * gb, gb)
+        lr = self.engine.get_lr()[0]
+        total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        for micro_step in range(self.layout.accum):
+            mine = rank_slice(ids, micro_step, self.dist.rank, self.dist.world_size,
+                              self.layout.micro_batch)
+            batch = torch.from_numpy(self.stream.batch(mine)).to(self.dist.device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            logits = self.engine(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        return self.dist.mean(total / self.layout.accum), lr
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state(self, step: int) -> dict[str, Any]:
+        pos = self.stream.position(step * self.cfg.train.global_batch)
+        return {"step": step, "samples_seen": step * self.cfg.train.global_batch,
+                "data_position": {"epoch": pos.epoch, "offset": pos.offset},
+                "world_size": self.dist.world_size, "micro_batch": self.layout.micro_batch,
+                "accum": self.layout.accum, "restart": self.info.restart,
+                "train_time_s": self.train_time_s, "job_id": self.info.job_id,
+                "telepathy_version": __version__, "time": time.time(),
+                "config": self.cfg.to_dict()}
+
+    def save(self, step: int, reason: str) -> None:
+        result = self.checkpoints.save(self.engine, step, self.state(step))
+        self.last_save_time = time.time()
+        log.info("saved checkpoint step %d (%s): %.1f MB in %.2f s", step, reason,
+                 result["bytes"] / 1e6, result["seconds"])
+        self.event("checkpoint_saved", step=step, reason=reason, **result)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, start_step: int, train_time_s: float = 0.0) -> int:
+        """Train from `start_step` to the end. Returns 0 when finished, the preemption code if not."""
+        total = self.cfg.train.steps
+        every_steps = self.cfg.checkpoint.every_steps
+        every_s = self.cfg.checkpoint.every_min * 60
+        self.train_time_s = train_time_s
+        last_saved = start_step
+        step = start_step
+        tokens_per_step = self.cfg.train.global_batch * self.cfg.data.seq_len
+        while True:
+            time_due = every_s > 0 and time.time() - self.last_save_time >= every_s
+            preempt, time_due = self.dist.any([self.flag.is_set, time_due])
+            if preempt:
+                self.event("signal", step=step, signal=self.flag.name,
+                           received_at=self.flag.received_at)
+                log.warning("preemption signal %s: saving at step %d and exiting with %d",
+                            self.flag.name or "(on another rank)", step,
+                            self.cfg.preemption.exit_code)
+                if step > last_saved:
+                    self.save(step, reason="preemption")
+                self.event("preempted", step=step, exit_code=self.cfg.preemption.exit_code)
+                return self.cfg.preemption.exit_code
+            if step >= total:
+                break
+            if time_due and step > last_saved:
+                self.save(step, reason="interval_min")
+                last_saved = step
+            started = time.perf_counter()
+            loss, lr = self.train_step(step)
+            elapsed = time.perf_counter() - started
+            self.train_time_s += elapsed
+            step += 1
+            record = {"step": step, "loss": loss, "lr": lr, "world_size": self.dist.world_size,
+                      "restart": self.info.restart, "time": time.time(), "step_time_s": elapsed,
+                      "tokens_per_s": tokens_per_step / elapsed,
+                      "samples_per_s": self.cfg.train.global_batch / elapsed,
+                      "job_id": self.info.job_id}
+            if self.dist.device.type == "cuda":
+                record["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            self.metrics.write(record)
+            if step % self.cfg.train.log_every == 0 or step == total:
+                log.info("step %d/%d loss %.4f lr %.3e %.0f tok/s", step, total, loss, lr,
+                         tokens_per_step / elapsed)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; lower train.lr or check "
+                                         "the data")
+            if every_steps and step % every_steps == 0 and step < total:
+                self.save(step, reason="interval_steps")
+                last_saved = step
+        if step > last_saved:
+            self.save(step, reason="final")
+        self.event("finished", step=step)
+        log.info("run finished at step %d", step)
+        return FINISHED

@@ -1,0 +1,76 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import helpers
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, worker_id):
+    """Uninterrupted runs of the test config, per world size, made once per test session.
+
+    Shared by the xdist workers (their temp dirs have a common parent) under a file lock.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+
+    def get(world: int = 1) -> dict[int, float]:
+        run_dir = root / f"reference-w{world}" / "run"
+        with FileLock(str(root / f"reference-w{world}.lock")):
+            if not (root / f"reference-w{world}.done").exists():
+                assert helpers.run(run_dir, world) == 0, helpers.log_text(run_dir)
+                (root / f"reference-w{world}.done").touch()
+        return helpers.losses(run_dir)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def preempted_run(tmp_path_factory):
+    """A world-size-1 run stopped by SIGTERM after step 45: checkpoints 20, 40 and ~46."""
+    run_dir = tmp_path_factory.mktemp("preempted") / "run"
+    rc, _ = helpers.interrupt(run_dir, 45)
+    assert rc == 75, helpers.log_text(run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def copy(run_dir: Path) -> Path:
+        dest = tmp_path / "run"
+        shutil.copytree(run_dir, dest)
+        return dest
+
+    return copy
+
+
+def _free_port_pair() -> int:
+    import socket
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        try:
+            with socket.socket() as b:
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of ports")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """The project's own single-node SLURM cluster, up for the session, down even on failure."""
+    from telepathy.localcluster import LocalCluster
+
+    c = LocalCluster(tmp_path_factory.mktemp("slurm-state"), _free_port_pair(), grace_s=30)
+    c.up()
+    try:
+        yield c
+    finally:
+        c.down()
