@@ -1,0 +1,89 @@
+"""Why an allocation ended and whether to requeue it. Pure: plain data in, decisions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping
+
+# Time limits and --signal are checked every 30 s by slurmctld (compiled in), so the warning
+# arrives between signal_lead_s and signal_lead_s + 30 s before the limit.
+SIGNAL_CHECK_S = 30
+FINISHED, BAD_INPUT = 0, 2
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value or value in ("None", "Unknown", "N/A"):
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:
+        return None
+
+
+def classify_cause(job: Mapping[str, str], now: float, signal_lead_s: int) -> str:
+    """preemption, time_limit or user, from `scontrol show job` fields at signal time.
+
+    Measured on SLURM 22.05: a preempted job has PreemptTime set and EndTime = now + GraceTime;
+    after the --signal warning EndTime is within signal_lead_s + 30 s; `scancel -s TERM`
+    changes neither.
+    """
+    if parse_time(job.get("PreemptTime")) is not None:
+        return "preemption"
+    end = parse_time(job.get("EndTime"))
+    if end is not None and end - now <= signal_lead_s + SIGNAL_CHECK_S + 5:
+        return "time_limit"
+    return "user"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How one allocation of the job ended (an `allocation_end` event of events.jsonl)."""
+
+    exit_code: int
+    checkpoint_step: int
+    """Newest complete checkpoint when it ended (0: none)."""
+
+
+def allocations(events: list[dict[str, Any]]) -> list[Allocation]:
+    return [Allocation(int(e["exit_code"]), int(e.get("checkpoint_step", 0)))
+            for e in events if e.get("event") == "allocation_end"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    requeue: bool
+    reason: str
+
+
+def crash_loop(history: list[Allocation], limit: int, preempt_code: int) -> bool:
+    """The last `limit` allocations all crashed and none advanced the newest checkpoint."""
+    if len(history) < limit:
+        return False
+    for i in range(len(history) - limit, len(history)):
+        previous = history[i - 1].checkpoint_step if i > 0 else 0
+        crashed = history[i].exit_code not in (FINISHED, preempt_code)
+        if not crashed or history[i].checkpoint_step > previous:
+            return False
+    return True
+
+
+def decide(history: list[Allocation], restart_count: int, max_restarts: int, crash_loop_limit: int,
+           preempt_code: int) -> Decision:
+    """Whether to requeue after the allocation that ended last (`history[-1]`)."""
+    last = history[-1]
+    if last.exit_code == FINISHED:
+        return Decision(False, "the run finished")
+    if last.exit_code == BAD_INPUT:
+        return Decision(False, "bad input (exit 2): fix the config or data; requeueing would fail again")
+    if restart_count >= max_restarts:
+        return Decision(False, f"restart cap reached: SLURM_RESTART_COUNT={restart_count} >= "
+                               f"preemption.max_restarts={max_restarts}; raise it to go on")
+    if last.exit_code == preempt_code:
+        return Decision(True, "saved after a signal")
+    if crash_loop(history, crash_loop_limit, preempt_code):
+        return Decision(False, f"crash loop: the last {crash_loop_limit} allocations all failed "
+                               f"without getting past the checkpoint of step {last.checkpoint_step}; "
+                               "see the job log, fix the cause, then resubmit (the run resumes)")
+    return Decision(True, f"crashed with exit {last.exit_code}; requeueing to resume from the "
+                          f"checkpoint of step {last.checkpoint_step}")

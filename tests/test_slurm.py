@@ -1,0 +1,171 @@
+"""Acceptance against the real local SLURM cluster: sbatch, scancel, --signal, preemption, requeue."""
+
+import time
+
+import pytest
+import yaml
+
+from telepathy import slurmctl
+from telepathy.config import load_config
+from tests import helpers
+from tests.helpers import RNG, ROOT
+
+# `make test` runs with --dist loadfile: one xdist worker runs this whole file on one cluster.
+pytestmark = pytest.mark.slurm
+SCRIPT = str(ROOT / "slurm" / "preemptible.slurm")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE")
+
+
+class Job:
+    def __init__(self, cluster, tmp_path, sets=(), gpus=1, sbatch_args=(), env=None, name="run",
+                 run_dir=None):
+        self.cluster = cluster
+        self.run_dir = run_dir or tmp_path / name
+        self.config = tmp_path / f"{name}.yaml"
+        cfg = load_config(helpers.CONFIG, [*helpers.SETS, *sets])
+        self.config.write_text(yaml.safe_dump(cfg.to_dict()))
+        self.env = {**cluster.env(), "TELEPATHY_CONFIG": str(self.config),
+                    "TELEPATHY_RUN_DIR": str(self.run_dir), **(env or {})}
+        self.out = tmp_path / f"{name}.out"
+        self.err = tmp_path / f"{name}.err"
+        self.id = slurmctl.sbatch(SCRIPT, [f"--gpus-per-node=h100:{gpus}", f"--output={self.out}",
+                                           f"--error={self.err}", *sbatch_args],
+                                  env=self.env, cwd=str(ROOT))
+
+    def state(self):
+        return slurmctl.job_state(self.id, env=self.cluster.env())
+
+    def wait_step(self, step, timeout=240):
+        from telepathy.jsonl import wait_for_step
+        return wait_for_step(self.run_dir / "metrics.jsonl", step, timeout)
+
+    def wait_restarts(self, restarts, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state, count = self.state()
+            if count >= restarts:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {self.id} did not reach {restarts} restarts: {self.state()}")
+
+    def wait_end(self, timeout=420):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state, restarts = self.state()
+            if state in ENDED:
+                return state, restarts
+            time.sleep(1)
+        raise TimeoutError(f"job {self.id} still {self.state()} after {timeout} s\n{self.logs()}")
+
+    def term(self):
+        slurmctl.scancel(self.id, signal="TERM", env=self.cluster.env())
+
+    def logs(self):
+        return (self.out.read_text(errors="replace") if self.out.exists() else "") + \
+               (self.err.read_text(errors="replace") if self.err.exists() else "")
+
+
+def assert_exact(job, reference):
+    got = helpers.losses(job.run_dir)
+    assert sorted(got) == sorted(reference), job.logs()[-3000:]
+    assert [s for s in reference if got[s] != reference[s]] == [], "losses differ after the resume"
+
+
+def assert_requeue_trail(job, causes):
+    """events.jsonl records each signal, save, requeue and resume with the job id and restart."""
+    events = helpers.events(job.run_dir)
+    assert {e.get("job_id") for e in events} == {job.id}
+    requeues = [e for e in events if e["event"] == "requeue"]
+    assert [e["cause"] for e in requeues] == causes
+    assert [e["slurm_restart_count"] for e in requeues] == list(range(len(causes)))
+    assert [e["restart"] for e in events if e["event"] == "resume"] == list(range(1, len(causes) + 1))
+    launches = [e for e in events if e["event"] == "launch"]
+    assert [e["slurm_restart_count"] for e in launches] == list(range(len(causes) + 1))
+    for kind in ("signal", "preempted"):
+        assert len([e for e in events if e["event"] == kind]) == len(causes)
+    saves = [e for e in events if e["event"] == "checkpoint_saved" and e["reason"] == "preemption"]
+    assert len(saves) == len(causes)
+    out = job.out.read_text()
+    for restart in range(len(causes) + 1):  # every allocation appended to the same file
+        assert f"telepathy: job {job.id} restart {restart} on" in out
+
+
+def test_scancel_term_saves_requeues_same_job_and_resumes_exactly(cluster, tmp_path, reference):
+    job = Job(cluster, tmp_path, gpus=2)
+    job.wait_step(RNG.randrange(5, 40))
+    job.term()
+    assert job.wait_end() == ("COMPLETED", 1), job.logs()
+    assert_exact(job, reference(2))
+    assert_requeue_trail(job, ["user"])
+    after = [r for r in helpers.metrics(job.run_dir)
+             if r["step"] > helpers.events(job.run_dir, "resume")[0]["step"]]
+    assert after and {(r["restart"], r["world_size"], r["job_id"]) for r in after} == {(1, 2, job.id)}
+
+
+def test_two_preemptions_by_scancel_give_restart_two(cluster, tmp_path, reference):
+    job = Job(cluster, tmp_path, gpus=1)
+    first, second = sorted(RNG.sample(range(5, 45), 2))
+    job.wait_step(first)
+    job.term()
+    assert job.wait_restarts(1) in ("PENDING", "RUNNING", "REQUEUED")
+    job.wait_step(max(second, helpers.events(job.run_dir, "preempted")[0]["step"] + 3))
+    job.term()
+    assert job.wait_end() == ("COMPLETED", 2), job.logs()
+    assert_exact(job, reference(1))
+    assert_requeue_trail(job, ["user", "user"])
+    assert helpers.metrics(job.run_dir)[-1]["restart"] == 2
+
+
+def test_time_limit_warning_saves_and_requeues_across_allocations(cluster, tmp_path):
+    # --signal=TERM@10 with a 1-minute limit: the warning comes 20-50 s into each allocation
+    # (slurmctld checks every 30 s), too early for the ~45 s of training this run needs.
+    job = Job(cluster, tmp_path, gpus=1, sets=["train.steps=1300", "checkpoint.every_steps=400",
+                                              "train.log_every=100", "slurm.signal_lead_s=10"],
+              sbatch_args=["--time=1", "--signal=TERM@10"])
+    state, restarts = job.wait_end(timeout=600)
+    assert state == "COMPLETED" and restarts >= 1, job.logs()
+    assert_requeue_trail(job, ["time_limit"] * restarts)
+    steps = sorted(helpers.losses(job.run_dir))
+    assert steps == list(range(1, 1301))
+
+
+def test_preemption_by_a_high_priority_job_saves_in_grace_and_resumes_exactly(
+        cluster, tmp_path, reference):
+    job = Job(cluster, tmp_path, gpus=2)
+    job.wait_step(RNG.randrange(5, 35))
+    high = slurmctl.sbatch(None, ["-p", "high", "--gpus-per-node=h100:4",
+                                          f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
+                           env=cluster.env(), cwd=str(tmp_path))
+    assert job.wait_end() == ("COMPLETED", 1), job.logs()
+    assert slurmctl.job_state(high, env=cluster.env())[0] == "COMPLETED"
+    assert_exact(job, reference(2))
+    assert_requeue_trail(job, ["preemption"])
+    signal, = helpers.events(job.run_dir, "signal")
+    preempted, = helpers.events(job.run_dir, "preempted")
+    assert preempted["time"] - signal["received_at"] < cluster.grace_s
+    high_start = slurmctl.show_job(high, env=cluster.env())["StartTime"]
+    resume, = helpers.events(job.run_dir, "resume")
+    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(resume["time"])) >= high_start
+
+
+def test_crash_loop_stops_requeueing_with_a_clear_message(cluster, tmp_path):
+    job = Job(cluster, tmp_path, gpus=1, sets=["preemption.crash_loop_limit=2"],
+              env={"TELEPATHY_FAULT": "step.exception@25"})
+    state, restarts = job.wait_end()
+    assert (state, restarts) == ("FAILED", 2), job.logs()
+    refused, = helpers.events(job.run_dir, "requeue_refused")
+    assert ("crash loop: the last 2 allocations all failed without getting past the checkpoint "
+            "of step 20") in refused["reason"]
+    assert [e["exit_code"] for e in helpers.events(job.run_dir, "allocation_end")] == [1, 1, 1]
+    assert "crash loop" in job.logs()
+
+
+def test_a_second_live_job_on_the_same_run_directory_is_refused(cluster, tmp_path):
+    first = Job(cluster, tmp_path, gpus=1)
+    first.wait_step(1)
+    second = Job(cluster, tmp_path, gpus=1, name="second", run_dir=first.run_dir)
+    assert second.wait_end()[0] == "FAILED"
+    assert f"run directory {first.run_dir} is in use by a live job" in second.logs()
+    assert f'"job_id": "{first.id}"' in second.logs()
+    assert first.wait_end() == ("COMPLETED", 0), first.logs()
