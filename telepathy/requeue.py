@@ -21,7 +21,8 @@ from .errors import TelepathyError
 from .jsonl import JsonlWriter, read_jsonl
 from .paths import RunPaths, complete_checkpoint_steps
 from .proc import CommandError
-from .requeue_policy import Allocation, allocations, classify_cause, decide
+from .requeue_policy import (Allocation, allocations, classify_cause, decide, effective_exit,
+                             this_allocation)
 
 log = logging.getLogger("telepathy.requeue")
 
@@ -44,33 +45,39 @@ def main(argv: list[str] | None = None) -> int:
         return args.exit_code or 2
     paths = RunPaths.at(args.run_dir)
     history = list(read_jsonl(paths.events))
-    signals = [e for e in history if e.get("event") == "signal" and e.get("job_id") == slurm.job_id]
+    mine = this_allocation(history, slurm.job_id, slurm.restart_count)
+    exit_code = effective_exit(args.exit_code, mine, cfg.preemption.exit_code)
+    if exit_code != args.exit_code:
+        log.info("srun exited with %d, but this allocation's events say %d", args.exit_code,
+                 exit_code)
+    signals = [e for e in mine if e.get("event") == "signal"]
     cause = None
-    if args.exit_code == cfg.preemption.exit_code:
+    if exit_code == cfg.preemption.exit_code:
         try:
             cause = classify_cause(slurmctl.show_job(slurm.job_id), time.time(),
                                    cfg.slurm.signal_lead_s)
         except CommandError as exc:
             log.warning("could not read the job from SLURM to tell the cause: %s", exc)
     steps = complete_checkpoint_steps(paths.checkpoints)
-    ended = Allocation(args.exit_code, steps[-1] if steps else 0)
+    ended = Allocation(exit_code, steps[-1] if steps else 0)
     decision = decide(allocations(history) + [ended], slurm.restart_count,
                       cfg.preemption.max_restarts, cfg.preemption.crash_loop_limit,
                       cfg.preemption.exit_code)
     paths.root.mkdir(parents=True, exist_ok=True)
     events = JsonlWriter(paths.events)
     record = {"time": time.time(), "job_id": slurm.job_id, "slurm_restart_count": slurm.restart_count,
-              "exit_code": args.exit_code, "checkpoint_step": ended.checkpoint_step}
+              "exit_code": exit_code, "srun_exit_code": args.exit_code,
+              "checkpoint_step": ended.checkpoint_step}
     events.write({"event": "allocation_end", **record})
     record.update(cause=cause, reason=decision.reason,
                   signal=signals[-1].get("signal") if signals else None)
     if not decision.requeue:
-        level = logging.INFO if args.exit_code == 0 else logging.ERROR
+        level = logging.INFO if exit_code == 0 else logging.ERROR
         log.log(level, "not requeueing job %s: %s", slurm.job_id, decision.reason)
-        if args.exit_code != 0:
+        if exit_code != 0:
             events.write({"event": "requeue_refused", **record})
         events.close()
-        return args.exit_code
+        return exit_code
     log.info("requeueing job %s (restart %d, cause: %s): %s", slurm.job_id,
              slurm.restart_count + 1, cause or "crash", decision.reason)
     events.write({"event": "requeue", **record})
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         log.error("scontrol requeue failed: %s; resubmit with the same TELEPATHY_RUN_DIR to "
                   "resume", exc)
-        return args.exit_code
+        return exit_code
     return 0
 
 

@@ -50,6 +50,31 @@ def allocations(events: list[dict[str, Any]]) -> list[Allocation]:
             for e in events if e.get("event") == "allocation_end"]
 
 
+def this_allocation(events: list[dict[str, Any]], job_id: str, restart_count: int) -> list[dict[str, Any]]:
+    """The events of the allocation now ending: from its own `launch` on (none if it never got
+    that far: then the last launch belongs to an earlier allocation)."""
+    for i in range(len(events) - 1, -1, -1):
+        e = events[i]
+        if e.get("event") == "launch":
+            mine = e.get("job_id") == job_id and e.get("slurm_restart_count") == restart_count
+            return events[i:] if mine else []
+    return []
+
+
+def effective_exit(exit_code: int, events: list[dict[str, Any]], preempt_code: int) -> int:
+    """What the allocation did, from its own events rather than srun's status.
+
+    srun reports a rank killed by --kill-on-bad-exit (143, 137) when another rank left first
+    with 75, although the checkpoint was complete; rank 0's events say what happened.
+    """
+    kinds = {e.get("event") for e in events}
+    if "finished" in kinds:
+        return FINISHED
+    if kinds & {"signal", "preempted"}:
+        return preempt_code
+    return exit_code
+
+
 @dataclass(frozen=True)
 class Decision:
     requeue: bool

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -17,13 +18,16 @@ from typing import Any
 
 import yaml
 
-from . import logs
+from . import logs, slurmctl
 from .config import Config, PreemptionConfig, load_config, trajectory_changes
 from .envinfo import DistEnv, SlurmEnv
 from .errors import ResumeRefused, RunLocked, TelepathyError
 from .faults import FaultPlan
+from .health import HealthLimits
 from .jsonl import JsonlWriter, NullWriter, read_jsonl
+from .monitor import SystemMonitor
 from .paths import RunPaths
+from .proc import CommandError
 from .runlock import RunLock
 from .signals import PreemptionFlag
 
@@ -93,6 +97,25 @@ def _stream(cfg: Config, paths: RunPaths, dist) -> Any:
         path = corpus
     return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed,
                        cfg.model.vocab_size)
+
+
+def _estimate_checkpoint_bytes(cfg: Config) -> int:
+    """Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments)."""
+    m = cfg.model
+    per_layer = 4 * m.hidden_size**2 + 3 * m.hidden_size * m.intermediate_size
+    return 16 * (m.num_layers * per_layer + 2 * m.vocab_size * m.hidden_size)
+
+
+def _job_logs(slurm: SlurmEnv) -> dict[str, str]:
+    """Where SLURM writes this job's output, for the tail tool; empty outside SLURM."""
+    if not slurm.in_job:
+        return {}
+    try:
+        job = slurmctl.show_job(slurm.job_id)
+    except CommandError as exc:
+        log.warning("could not ask SLURM for the job's log files: %s", exc)
+        return {}
+    return {k.lower(): job[k] for k in ("StdOut", "StdErr") if job.get(k)}
 
 
 def _count_launches(paths: RunPaths) -> int:
@@ -169,6 +192,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     lock = _lock_run(dist, paths, slurm)
     events = JsonlWriter(paths.events) if dist.is_main else NullWriter()
     metrics = JsonlWriter(paths.metrics) if dist.is_main else NullWriter()
+    monitor = None
     try:
         restart = dist.broadcast_object(_count_launches(paths) if dist.is_main else None)
         info = RunInfo(restart=restart, job_id=slurm.job_id, launched_at=time.time())
@@ -176,8 +200,15 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         events.write({"event": "launch", **base, "world_size": dist.world_size,
                       "launcher": env.launcher, "slurm_restart_count": slurm.restart_count,
                       "device": "cuda" if cuda else "cpu", "micro_batch": layout.micro_batch,
-                      "accum": layout.accum, "pid": os.getpid()})
-        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults)
+                      "accum": layout.accum, "pid": os.getpid(), "host": socket.gethostname(),
+                      **(_job_logs(slurm) if dist.is_main else {})})
+        if env.local_rank == 0 and cfg.monitor.interval_s > 0:
+            limits = HealthLimits(cfg.monitor.low_util_pct, cfg.monitor.low_util_window_s,
+                                  cfg.monitor.high_mem_pct)
+            monitor = SystemMonitor(paths.system(socket.gethostname()), paths.root,
+                                    cfg.monitor.interval_s, limits).start()
+        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
+                                        estimate_bytes=_estimate_checkpoint_bytes(cfg))
         found, verify_s = _newest_checkpoint(checkpoints, dist, events, base)
         if found is not None:
             changes = _check_resumable(found, cfg, dist.world_size, force)
@@ -214,6 +245,8 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                       "message": str(exc)[:2000]})
         raise
     finally:
+        if monitor is not None:
+            monitor.stop()
         events.close()
         metrics.close()
         lock.release()

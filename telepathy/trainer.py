@@ -88,12 +88,21 @@ class Trainer:
                 "telepathy_version": __version__, "time": time.time(),
                 "config": self.cfg.to_dict()}
 
-    def save(self, step: int, reason: str) -> None:
+    def save(self, step: int, reason: str) -> bool:
+        ok, free, needed = self.checkpoints.space()
+        if not ok:
+            log.warning("not saving step %d (%s): %.2f GB free on the run directory's filesystem, a "
+                        "checkpoint needs ~%.2f GB; the previous checkpoint stays the newest. Free "
+                        "space or lower checkpoint.keep", step, reason, free / 1e9, needed / 1e9)
+            self.event("checkpoint_skipped", step=step, reason=reason, free_bytes=free,
+                       needed_bytes=needed)
+            return False
         result = self.checkpoints.save(self.engine, step, self.state(step))
         self.last_save_time = time.time()
         log.info("saved checkpoint step %d (%s): %.1f MB in %.2f s", step, reason,
                  result["bytes"] / 1e6, result["seconds"])
         self.event("checkpoint_saved", step=step, reason=reason, **result)
+        return True
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, start_step: int, train_time_s: float = 0.0) -> int:
@@ -117,11 +126,11 @@ class Trainer:
                 if step > last_saved:
                     self.save(step, reason="preemption")
                 self.event("preempted", step=step, exit_code=self.cfg.preemption.exit_code)
+                self.dist.barrier()  # leave together: srun stops the others when one rank exits
                 return self.cfg.preemption.exit_code
             if step >= total:
                 break
-            if time_due and step > last_saved:
-                self.save(step, reason="interval_min")
+            if time_due and step > last_saved and self.save(step, reason="interval_min"):
                 last_saved = step
             started = time.perf_counter()
             loss, lr = self.train_step(step)
@@ -142,11 +151,12 @@ class Trainer:
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower train.lr or check "
                                          "the data")
-            if every_steps and step % every_steps == 0 and step < total:
-                self.save(step, reason="interval_steps")
+            if (every_steps and step % every_steps == 0 and step < total
+                    and self.save(step, reason="interval_steps")):
                 last_saved = step
         if step > last_saved:
             self.save(step, reason="final")
         self.event("finished", step=step)
         log.info("run finished at step %d", step)
+        self.dist.barrier()
         return FINISHED

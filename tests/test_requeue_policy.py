@@ -2,7 +2,8 @@
 
 import pytest
 
-from telepathy.requeue_policy import Allocation, allocations, classify_cause, decide, parse_time
+from telepathy.requeue_policy import (Allocation, allocations, classify_cause, decide, effective_exit,
+                                      parse_time, this_allocation)
 
 NOW = parse_time("2026-11-23T02:50:55")
 # As printed by `scontrol show job -o` inside the signal handler (see README, 'who gets what').
@@ -49,3 +50,19 @@ PROGRESSING = [A(1, 20), A(137, 40), A(1, 60)]
 def test_decide(history, restarts, limit, requeue, reason):
     d = decide(history, restarts, max_restarts=50, crash_loop_limit=limit, preempt_code=75)
     assert d.requeue is requeue and reason in d.reason
+
+
+def test_the_allocation_is_judged_by_its_own_events_not_by_srun():
+    events = [{"event": "launch", "job_id": "7", "slurm_restart_count": 0},
+              {"event": "signal", "step": 30}, {"event": "checkpoint_saved", "step": 30},
+              {"event": "allocation_end", "exit_code": 75},
+              {"event": "launch", "job_id": "7", "slurm_restart_count": 1},
+              {"event": "signal", "step": 41}, {"event": "preempted", "step": 41}]
+    mine = this_allocation(events, "7", 1)
+    assert mine == events[4:]
+    # rank 1 left with 75 first; srun then terminated rank 0 and reported 143
+    assert effective_exit(143, mine, 75) == 75
+    assert effective_exit(0, mine + [{"event": "finished"}], 75) == 0
+    # an allocation that died before its own launch event keeps srun's status
+    assert this_allocation(events, "7", 2) == []
+    assert effective_exit(1, this_allocation(events, "7", 2), 75) == 1

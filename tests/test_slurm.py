@@ -162,10 +162,24 @@ def test_crash_loop_stops_requeueing_with_a_clear_message(cluster, tmp_path):
 
 
 def test_a_second_live_job_on_the_same_run_directory_is_refused(cluster, tmp_path):
-    first = Job(cluster, tmp_path, gpus=1)
+    long = ["train.steps=3000", "checkpoint.every_steps=20"]  # outlives the second job
+    first = Job(cluster, tmp_path, gpus=1, sets=long)
     first.wait_step(1)
-    second = Job(cluster, tmp_path, gpus=1, name="second", run_dir=first.run_dir)
+    second = Job(cluster, tmp_path, gpus=1, sets=long, name="second", run_dir=first.run_dir)
     assert second.wait_end()[0] == "FAILED"
     assert f"run directory {first.run_dir} is in use by a live job" in second.logs()
     assert f'"job_id": "{first.id}"' in second.logs()
-    assert first.wait_end() == ("COMPLETED", 0), first.logs()
+    assert first.state()[0] == "RUNNING"
+    # A job killed outright cannot leave the lock stuck: the next one takes over the run.
+    saved = first.wait_step(25) and max(helpers.events(first.run_dir, "checkpoint_saved"),
+                                         key=lambda e: e["step"])["step"]
+    slurmctl.scancel(first.id, signal="KILL", env=cluster.env())
+    assert first.wait_end()[0] in ("CANCELLED", "FAILED")
+    third = Job(cluster, tmp_path, gpus=1, sets=long, name="third", run_dir=first.run_dir)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not [
+            e for e in helpers.events(first.run_dir, "resume") if e["job_id"] == third.id]:
+        time.sleep(0.5)
+    resume, = [e for e in helpers.events(first.run_dir, "resume") if e["job_id"] == third.id]
+    assert resume["step"] >= saved, third.logs()
+    slurmctl.scancel(third.id, env=cluster.env())
