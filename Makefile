@@ -11,4 +11,4 @@ test: setup
 	.venv/bin/python -m pytest -q -rs -n 2 --dist loadfile --durations=15
 
 bench-smoke: setup
-	.venv/bin/python -m bench.checkpoint --smoke
+	.venv/bin/python -m bench.monitor_overhead --smoke

@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from . import rng
 from .distributed import Dist
 from .faults import FaultPlan
-from .fsutil import fsync_and_hash, fsync_dir, sha256_file, write_json_atomic
+from .health import fits
+from .fsutil import fsync_dir, sha256_file, write_json_atomic
 from .paths import MANIFEST, RunPaths, checkpoint_name, checkpoint_step
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,25 @@ def read_manifest(ckpt: Path) -> dict[str, Any] | None:
 
 
 class CheckpointManager:
-    def __init__(self, paths: RunPaths, dist: Dist, keep: int, faults: FaultPlan = FaultPlan()):
+    def __init__(self, paths: RunPaths, dist: Dist, keep: int, faults: FaultPlan = FaultPlan(),
+                 estimate_bytes: int = 0):
         self.paths = paths
         self.dist = dist
         self.keep = keep
         self.faults = faults
+        self.estimate_bytes = estimate_bytes
+        """Expected size of a checkpoint before the first one exists."""
+
+    def space(self) -> tuple[bool, int, int]:
+        """Collective: (fits, free bytes, needed bytes) for the next checkpoint, rank 0's view."""
+        verdict = None
+        if self.dist.is_main:
+            complete = [p for _, p in self.candidates() if (p / MANIFEST).exists()]
+            manifest = read_manifest(complete[0]) if complete else None
+            needed = manifest["bytes"] if manifest else self.estimate_bytes
+            free = shutil.disk_usage(self.paths.root).free
+            verdict = (fits(free, needed), free, needed)
+        return self.dist.broadcast_object(verdict)
 
     # -- save ------------------------------------------------------------------------------
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +137,7 @@ class CheckpointManager:
         files = self.dist.broadcast_object(list_files(ckpt) if self.dist.is_main else None)
         mine = files[self.dist.rank::self.dist.world_size]
         with ThreadPoolExecutor(HASH_THREADS) as pool:
-            hashed = dict(zip(mine, pool.map(lambda n: fsync_and_hash(ckpt / n), mine)))
+            hashed = dict(zip(mine, pool.map(lambda n: sha256_file(ckpt / n, fsync=True), mine)))
         entries: dict[str, dict[str, Any]] = {}
         for part in self.dist.all_gather_object(hashed):
             entries.update({n: {"size": s, "sha256": h} for n, (s, h) in part.items()})

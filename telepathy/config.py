@@ -213,6 +213,25 @@ class SlurmConfig:
 
 
 @dataclass
+class MonitorConfig:
+    interval_s: float = 10.0
+    """Seconds between GPU/host samples (system-<host>.jsonl); 0 turns the sampler off."""
+    low_util_pct: float = 20.0
+    """Warn when a GPU stays below this utilisation ..."""
+    low_util_window_s: float = 300.0
+    """... for this many seconds."""
+    high_mem_pct: float = 95.0
+    """Warn when a GPU's memory is fuller than this."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s >= 0, "monitor.interval_s", self.interval_s, "must be >= 0")
+        _require(0 <= self.low_util_pct <= 100, "monitor.low_util_pct", self.low_util_pct,
+                 "must lie in 0..100")
+        _require(0 < self.high_mem_pct <= 100, "monitor.high_mem_pct", self.high_mem_pct,
+                 "must lie in 0..100")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -221,6 +240,7 @@ class Config:
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,

@@ -19,25 +19,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_and_hash(path: Path) -> tuple[int, str]:
-    """fsync a file written by someone else, and return its size and SHA-256 in one read."""
+def sha256_file(path: Path, fsync: bool = False) -> tuple[int, str]:
+    """Size and SHA-256 of a file in one read; with `fsync`, also make it durable first."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(f.fileno())
-    return size, digest.hexdigest()
-
-
-def sha256_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return size, digest.hexdigest()
 
 

@@ -44,6 +44,10 @@ class RunPaths:
         """Job output files (the sbatch template writes here)."""
         return self.root / "logs"
 
+    def system(self, host: str) -> Path:
+        """GPU and host samples of one node."""
+        return self.root / f"system-{host}.jsonl"
+
     @property
     def lock(self) -> Path:
         return self.root / "run.lock"
