@@ -43,6 +43,22 @@ def test_resume_after_sigterm_matches_uninterrupted_losses(tmp_path, reference, 
     assert rows and all(r["restart"] == 2 and r["world_size"] == world for r in rows)
 
 
+def test_signals_during_a_save_finish_the_save_then_exit_for_requeue(tmp_path, reference):
+    """SIGTERM twice while the checkpoint of step 40 is being written (held open for 4 s)."""
+    run_dir = tmp_path / "run"
+    proc = helpers.start(run_dir, env={"TELEPATHY_FAULT": "save.engine_done@40,sleep=4"})
+    helpers.wait_for_step(run_dir / "metrics.jsonl", 40, 120)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert helpers.finish(proc) == 75, helpers.log_text(run_dir)
+    preempted, = helpers.events(run_dir, "preempted")
+    assert preempted["step"] == 40  # no second save of the same step, no step after it
+    assert [e["step"] for e in helpers.events(run_dir, "checkpoint_saved")] == [20, 40]
+    assert (RunPaths.at(run_dir).checkpoint(40) / MANIFEST).exists()
+    assert helpers.run(run_dir) == 0
+    assert_same_losses(run_dir, reference(1))
+
+
 def test_signal_before_the_first_step_exits_for_requeue_without_saving(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = helpers.start(run_dir)
