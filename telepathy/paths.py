@@ -39,11 +39,6 @@ class RunPaths:
     def data(self) -> Path:
         return self.root / "data"
 
-    @property
-    def logs(self) -> Path:
-        """Job output files (the sbatch template writes here)."""
-        return self.root / "logs"
-
     def system(self, host: str) -> Path:
         """GPU and host samples of one node."""
         return self.root / f"system-{host}.jsonl"
