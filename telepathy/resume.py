@@ -99,13 +99,6 @@ def _stream(cfg: Config, paths: RunPaths, dist) -> Any:
                        cfg.model.vocab_size)
 
 
-def _estimate_checkpoint_bytes(cfg: Config) -> int:
-    """Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments)."""
-    m = cfg.model
-    per_layer = 4 * m.hidden_size**2 + 3 * m.hidden_size * m.intermediate_size
-    return 16 * (m.num_layers * per_layer + 2 * m.vocab_size * m.hidden_size)
-
-
 def _job_logs(slurm: SlurmEnv) -> dict[str, str]:
     """Where SLURM writes this job's output, for the tail tool; empty outside SLURM."""
     if not slurm.in_job:
@@ -207,8 +200,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                                   cfg.monitor.high_mem_pct)
             monitor = SystemMonitor(paths.system(socket.gethostname()), paths.root,
                                     cfg.monitor.interval_s, limits).start()
-        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
-                                        estimate_bytes=_estimate_checkpoint_bytes(cfg))
+        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults)
         found, verify_s = _newest_checkpoint(checkpoints, dist, events, base)
         if found is not None:
             changes = _check_resumable(found, cfg, dist.world_size, force)
@@ -220,6 +212,9 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
 
         stream = _stream(cfg, paths, dist)
         engine = build_engine(cfg, layout, cuda)
+        parameters = count_parameters(engine)
+        # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
+        checkpoints.estimate_bytes = 16 * parameters
         rng.seed_all(cfg.train.seed + dist.rank)
         start_step, train_time_s = 0, 0.0
         if found is not None:
@@ -233,7 +228,6 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                           "checkpoint": found.path.name, "verify_s": round(verify_s, 3),
                           "load_s": round(load_s, 3)})
         else:
-            parameters = count_parameters(engine)
             log.info("starting a new run in %s: %d parameters, world %d, micro %d x accum %d",
                      paths.root, parameters, dist.world_size, layout.micro_batch, layout.accum)
             events.write({"event": "start", **base, "step": 0, "parameters": parameters})

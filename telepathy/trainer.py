@@ -91,6 +91,7 @@ class Trainer:
     def save(self, step: int, reason: str) -> bool:
         ok, free, needed = self.checkpoints.space()
         if not ok:
+            self.last_save_time = time.time()  # a time-based save retries at the next interval
             log.warning("not saving step %d (%s): %.2f GB free on the run directory's filesystem, a "
                         "checkpoint needs ~%.2f GB; the previous checkpoint stays the newest. Free "
                         "space or lower checkpoint.keep", step, reason, free / 1e9, needed / 1e9)
