@@ -192,13 +192,27 @@ class CheckpointManager:
             return Found(ckpt, step, state), rejected
         return None, rejected
 
-    def load(self, engine: Any, found: Found) -> None:
-        """Load a verified checkpoint into the engine and restore this rank's RNG state."""
-        load_path, _ = engine.load_checkpoint(str(found.path.parent), tag=found.path.name,
+    def load(self, engine: Any, found: Found, universal: Path | None = None,
+             train_seed: int = 0) -> None:
+        """Load a verified checkpoint into the engine and restore this rank's RNG state.
+
+        `universal`: its verified universal copy, when the world size changed (see elastic.py);
+        a rank that did not exist then gets a fresh RNG seeded from (train_seed, step, rank).
+        """
+        source = universal or found.path
+        load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {found.path}")
+            raise RuntimeError(f"DeepSpeed could not load {source}")
+        if universal is not None:
+            from .elastic import repair_universal_load, rng_seed
+            repaired = repair_universal_load(engine, universal)
+            if repaired:
+                log.info("after DeepSpeed's universal load, repaired: %s", "; ".join(repaired))
+            if self.dist.rank >= found.state["world_size"]:
+                rng.seed_all(rng_seed(train_seed, found.step, self.dist.rank))
+                return
         path = str(found.path / rank_state_file(self.dist.rank))
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -258,4 +272,16 @@ class CheckpointManager:
         if removed:
             fsync_dir(self.paths.checkpoints)
             log.info("pruned checkpoints %s", ", ".join(removed))
+        self._prune_universal({s for s, p in self.candidates() if (p / MANIFEST).exists()})
         return removed
+
+    def _prune_universal(self, steps: set[int]) -> None:
+        """Delete cached universal conversions whose checkpoint is gone, and temp leftovers."""
+        root = self.paths.universal_root
+        if not root.is_dir():
+            return
+        stale = [p for p in root.iterdir() if checkpoint_step(p.name) not in steps]
+        for item in stale:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        if stale:
+            fsync_dir(root)

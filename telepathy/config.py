@@ -180,12 +180,40 @@ class PreemptionConfig:
 @dataclass
 class PlacementConfig:
     micro_batch_sizes: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
-    """Allowed per-rank micro-batch sizes; the largest that divides the per-rank batch is used."""
+    """Allowed per-rank micro-batch sizes; the largest that divides the per-rank batch and fits
+    the GPU's memory is used."""
+    gpu_mem_gib: float = 80.0
+    """GPU memory assumed by `telepathy.plan` (on a GPU, resume reads the real size)."""
+    gpu_mem_headroom: float = 0.9
+    """Fraction of GPU memory a placement may plan to use."""
+    allow_offload: bool = True
+    """Offload optimizer (then parameter) states to host memory when nothing else fits."""
+    allow_nearest_global_batch: bool = False
+    """When train.global_batch does not divide over the GPUs (e.g. 3), train with the nearest
+    global batch that does instead of refusing (changes the trajectory)."""
+    max_oom_retries: int = 3
+    """Out-of-memory errors in one allocation recovered by shrinking the micro-batch."""
+    gpu_tflops: float = 989.0
+    """Peak dense bf16 TFLOP/s of one GPU (H100 SXM), for the step-time model of telepathy.plan."""
+    mfu: float = 0.25
+    """Fraction of gpu_tflops training reaches (0.25 measured for the 1.1B config on one H100)."""
+    scaling: float = 0.9
+    """Throughput kept per doubling of the GPU count (communication overhead)."""
 
     def __post_init__(self) -> None:
         _require(len(self.micro_batch_sizes) >= 1 and all(m >= 1 for m in self.micro_batch_sizes),
                  "placement.micro_batch_sizes", self.micro_batch_sizes,
                  "give a list of positive integers, e.g. [8, 4, 2, 1]")
+        _require(self.gpu_mem_gib > 0, "placement.gpu_mem_gib", self.gpu_mem_gib, "must be > 0")
+        _require(0 < self.gpu_mem_headroom <= 1, "placement.gpu_mem_headroom",
+                 self.gpu_mem_headroom, "must lie in (0, 1]")
+        _require(self.max_oom_retries >= 0, "placement.max_oom_retries", self.max_oom_retries,
+                 "must be >= 0")
+        for name in ("gpu_tflops", "mfu", "scaling"):
+            _require(getattr(self, name) > 0, f"placement.{name}", getattr(self, name),
+                     "must be > 0")
+        _require(self.mfu <= 1 and self.scaling <= 1, "placement.mfu/scaling",
+                 (self.mfu, self.scaling), "are fractions: at most 1")
 
 
 @dataclass

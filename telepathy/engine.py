@@ -20,20 +20,31 @@ def precision(cfg: Config, cuda: bool) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
 
 
-def ds_config(cfg: Config, layout: Layout, dtype: torch.dtype) -> dict[str, Any]:
-    """The DeepSpeed configuration for ZeRO stage 3 with a client optimizer and scheduler."""
+def ds_config(cfg: Config, layout: Layout, dtype: torch.dtype, offload: str = "none",
+              load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed configuration for ZeRO stage 3 with a client optimizer and scheduler.
+
+    `offload` (from the planner) moves optimizer, or optimizer and parameter, states to host
+    memory; `load_universal` reads a checkpoint converted for another world size.
+    """
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    }
+    if offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
-        "train_batch_size": cfg.train.global_batch,
+        "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.accum,
         "gradient_clipping": cfg.train.grad_clip,
         "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": False,
-            "contiguous_gradients": True,
-            "stage3_gather_16bit_weights_on_model_save": False,
-        },
+        "zero_optimization": zero,
+        "checkpoint": {"load_universal": load_universal},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
@@ -53,14 +64,15 @@ def _model_config(cfg: Config, dtype: torch.dtype):
         attention_dropout=0.0, use_cache=False, dtype=dtype)
 
 
-def build_engine(cfg: Config, layout: Layout, cuda: bool):
-    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine. Returns (engine, ds_conf)."""
+def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
+                 load_universal: bool = False):
+    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     dtype = precision(cfg, cuda)
-    conf = ds_config(cfg, layout, dtype)
+    conf = ds_config(cfg, layout, dtype, offload if cuda else "none", load_universal)
     hf_ds = HfDeepSpeedConfig(conf)  # must stay alive while the model is built: enables zero.Init
     torch.manual_seed(cfg.train.seed)
     if cfg.model.pretrained_path:

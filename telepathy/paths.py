@@ -50,6 +50,14 @@ class RunPaths:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
 
+    @property
+    def universal_root(self) -> Path:
+        """Checkpoints converted to DeepSpeed's universal format (for a new world size)."""
+        return self.root / "universal"
+
+    def universal(self, step: int) -> Path:
+        return self.universal_root / checkpoint_name(step)
+
     def synthetic_corpus(self, tokens: int, vocab: int, seed: int) -> Path:
         return self.data / f"synthetic-v{vocab}-n{tokens}-s{seed}.npy"
 

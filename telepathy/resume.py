@@ -51,14 +51,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_inputs(cfg: Config, env: DistEnv) -> None:
     """Everything that can be checked before any distributed or GPU work."""
     from .data import open_tokens
-    from .placement import choose_layout
 
     if cfg.data.path is not None:
         open_tokens(cfg.data.path, cfg.data.dtype)
     if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
         raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
                              "config.json; point it at a local Hugging Face model directory")
-    choose_layout(cfg.train.global_batch, env.world_size, cfg.placement.micro_batch_sizes)
+    make_plan(cfg, env, gpu_mem_gib=None)
+
+
+def make_plan(cfg: Config, env: DistEnv, gpu_mem_gib: float | None):
+    """The placement of this run on `env.world_size` ranks (memory unchecked when None)."""
+    import json
+
+    from .placement import plan, request_for
+
+    hf_config = None
+    if cfg.model.pretrained_path:
+        hf_config = json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
+    return plan(request_for(cfg, env.world_size, gpu_mem_gib, hf_config))
 
 
 def _init_process_group(env: DistEnv, cuda: bool):
@@ -133,13 +144,11 @@ def _lock_run(dist, paths: RunPaths, slurm: SlurmEnv) -> RunLock:
     return lock
 
 
-def _check_resumable(found, cfg: Config, world_size: int, force: bool) -> list[str]:
-    """Refuse a resume that cannot be exact; return the changes that --force lets through."""
-    saved_world = found.state["world_size"]
-    if saved_world != world_size:
-        raise ResumeRefused(
-            f"checkpoint {found.path.name} was written at world size {saved_world}, this job has "
-            f"{world_size} ranks; run with {saved_world} ranks")
+def _check_resumable(found, cfg: Config, force: bool) -> list[str]:
+    """Refuse a resume that would change the trajectory; return the changes --force lets through.
+
+    A different world size is not such a change: the planner keeps the global batch.
+    """
     changes = trajectory_changes(found.state["config"], cfg.to_dict())
     if changes and not force:
         raise ResumeRefused(
@@ -167,10 +176,11 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     import torch
     import torch.distributed
 
-    from . import rng
+    from . import rng, statedump
     from .checkpoint import CheckpointManager
+    from .elastic import universal_checkpoint
     from .engine import build_engine, count_parameters
-    from .placement import choose_layout
+    from .memory import GiB
     from .trainer import RunInfo, Trainer
 
     cuda = torch.cuda.is_available()
@@ -179,7 +189,9 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=cuda)
-    layout = choose_layout(cfg.train.global_batch, env.world_size, cfg.placement.micro_batch_sizes)
+    gpu_mem = torch.cuda.get_device_properties(env.local_rank).total_memory / GiB if cuda else None
+    plan = make_plan(cfg, env, gpu_mem)
+    layout = plan.layout
     dist = _init_process_group(env, cuda)
     logs.set_rank(dist.rank)
     lock = _lock_run(dist, paths, slurm)
@@ -193,7 +205,10 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         events.write({"event": "launch", **base, "world_size": dist.world_size,
                       "launcher": env.launcher, "slurm_restart_count": slurm.restart_count,
                       "device": "cuda" if cuda else "cpu", "micro_batch": layout.micro_batch,
-                      "accum": layout.accum, "pid": os.getpid(), "host": socket.gethostname(),
+                      "accum": layout.accum, "global_batch": layout.global_batch,
+                      "offload": plan.offload, "plan_mem_gib": round(plan.memory.peak_gib, 2),
+                      "gpu_mem_gib": gpu_mem, "plan_notes": list(plan.notes),
+                      "pid": os.getpid(), "host": socket.gethostname(),
                       **(_job_logs(slurm) if dist.is_main else {})})
         if env.local_rank == 0 and cfg.monitor.interval_s > 0:
             limits = HealthLimits(cfg.monitor.low_util_pct, cfg.monitor.low_util_window_s,
@@ -201,39 +216,54 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
             monitor = SystemMonitor(paths.system(socket.gethostname()), paths.root,
                                     cfg.monitor.interval_s, limits).start()
         checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults)
+        for note in plan.notes:
+            log.warning("placement: %s", note)
         found, verify_s = _newest_checkpoint(checkpoints, dist, events, base)
+        universal = None
         if found is not None:
-            changes = _check_resumable(found, cfg, dist.world_size, force)
+            changes = _check_resumable(found, cfg, force)
             if changes:
                 log.warning("resuming with --force despite changes: %s", "; ".join(changes))
                 events.write({"event": "config_forced", **base, "changes": changes})
+            if found.state["world_size"] != dist.world_size:
+                universal, done = universal_checkpoint(found, paths, dist)
+                log.info("checkpoint %s was written by %d ranks, this job has %d: %s universal "
+                         "copy %s", found.path.name, found.state["world_size"], dist.world_size,
+                         "using the cached" if done["cached"] else "converted to a", universal)
+                events.write({"event": "world_size_changed", **base, "step": found.step,
+                              "from_world_size": found.state["world_size"],
+                              "to_world_size": dist.world_size, **done})
         if dist.is_main:
             paths.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
         stream = _stream(cfg, paths, dist)
-        engine = build_engine(cfg, layout, cuda)
+        engine = build_engine(cfg, layout, cuda, plan.offload, load_universal=universal is not None)
         parameters = count_parameters(engine)
         # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
         checkpoints.estimate_bytes = 16 * parameters
         rng.seed_all(cfg.train.seed + dist.rank)
-        start_step, train_time_s = 0, 0.0
+        start_step, train_time_s, samples_seen = 0, 0.0, 0
         if found is not None:
             load_started = time.time()
-            checkpoints.load(engine, found)
+            checkpoints.load(engine, found, universal, cfg.train.seed)
             load_s = time.time() - load_started
             start_step, train_time_s = found.step, found.state.get("train_time_s", 0.0)
+            samples_seen = found.state.get("samples_seen")
             log.info("resumed from %s (step %d), restart %d; verified in %.2f s, loaded in %.2f s",
                      found.path.name, found.step, restart, verify_s, load_s)
             events.write({"event": "resume", **base, "step": found.step,
                           "checkpoint": found.path.name, "verify_s": round(verify_s, 3),
                           "load_s": round(load_s, 3)})
         else:
-            log.info("starting a new run in %s: %d parameters, world %d, micro %d x accum %d",
-                     paths.root, parameters, dist.world_size, layout.micro_batch, layout.accum)
+            log.info("starting a new run in %s: %d parameters, world %d, micro %d x accum %d, "
+                     "offload %s, planned memory %.1f GiB per GPU", paths.root, parameters,
+                     dist.world_size, layout.micro_batch, layout.accum, plan.offload,
+                     plan.memory.peak_gib)
             events.write({"event": "start", **base, "step": 0, "parameters": parameters})
         trainer = Trainer(cfg, dist, engine, stream, layout, checkpoints, flag, metrics, events,
                           info, faults)
-        return trainer.run(start_step, train_time_s)
+        statedump.after_load(engine, dist, found.step if found else 0)
+        return trainer.run(start_step, train_time_s, samples_seen)
     except BaseException as exc:
         events.write({"event": "error", "time": time.time(), "error": type(exc).__name__,
                       "message": str(exc)[:2000]})

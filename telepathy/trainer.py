@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -11,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, statedump
 from .checkpoint import CheckpointManager
 from .config import Config
 from .data import TokenStream, rank_slice
 from .distributed import Dist
-from .placement import Layout
+from .placement import Layout, smaller
 from .faults import FaultPlan
 from .signals import PreemptionFlag
 
@@ -51,6 +52,8 @@ class Trainer:
         self.faults = faults
         self.train_time_s = 0.0
         self.last_save_time = time.time()
+        self.samples_seen = 0
+        self.oom_recoveries = 0
 
     def event(self, name: str, **fields: Any) -> None:
         self.events.write({"event": name, "time": time.time(), "restart": self.info.restart,
@@ -59,10 +62,19 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[float, float]:
-        """Run optimizer step `step` (0-based). Returns (global mean loss, lr used)."""
+        """Run optimizer step `step` (0-based), retried with a smaller micro-batch after an
+        out-of-memory error. Returns (global mean loss, lr used)."""
         self.faults.hit("step.exception", step + 1, self.dist.rank)
-        gb = self.cfg.train.global_batch
-        ids = self.stream.sample_ids(step * gb, gb)
+        counters = (self.engine.micro_steps, self.engine.global_samples)
+        while True:
+            try:
+                return self._step(step)
+            except torch.OutOfMemoryError as exc:
+                self._recover_from_oom(step, exc, counters)
+
+    def _step(self, step: int) -> tuple[float, float]:
+        gb = self.layout.global_batch
+        ids = self.stream.sample_ids(self.samples_seen, gb)
         lr = self.engine.get_lr()[0]
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         for micro_step in range(self.layout.accum):
@@ -71,16 +83,55 @@ class Trainer:
             batch = torch.from_numpy(self.stream.batch(mine)).to(self.dist.device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             logits = self.engine(input_ids=inputs).logits
+            if micro_step == min(1, self.layout.accum - 1):
+                self.faults.hit("step.oom", step + 1, self.dist.rank)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
         return self.dist.mean(total / self.layout.accum), lr
 
+    def _recover_from_oom(self, step: int, exc: BaseException, counters: tuple[int, int]) -> None:
+        """Drop the partial step, shrink the micro-batch (same global batch), and retry.
+
+        Kept for the rest of this allocation; the next one plans afresh. Raises the error again
+        when the micro-batch cannot shrink or the retries of placement.max_oom_retries are spent.
+        """
+        new = smaller(self.layout, self.cfg.placement.micro_batch_sizes)
+        if new is None or self.oom_recoveries >= self.cfg.placement.max_oom_retries:
+            log.error("out of memory at step %d with micro-batch %d x accum %d; cannot shrink "
+                      "further (%d recoveries so far, placement.max_oom_retries=%d)", step + 1,
+                      self.layout.micro_batch, self.layout.accum, self.oom_recoveries,
+                      self.cfg.placement.max_oom_retries)
+            raise exc
+        del exc
+        # Release what the failed micro-steps hold: gathered parameters, partial gradients
+        # (zero_grad makes the next backward overwrite, not add to, the gradient partitions).
+        self.engine.optimizer.parameter_offload.get_param_coordinator().reset_step()
+        self.engine.empty_partition_cache()
+        self.engine.optimizer.zero_grad()
+        gc.collect()
+        if self.dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.engine.set_train_micro_batch_size(new.micro_batch)
+        self.engine.set_train_batch_size(new.global_batch)
+        micro_steps, samples = counters
+        self.engine.micro_steps = micro_steps - micro_steps % new.accum
+        self.engine.global_samples = samples
+        self.oom_recoveries += 1
+        log.warning("out of memory at step %d: retrying with micro-batch %d x accum %d (was %d x "
+                    "%d), global batch %d unchanged, for the rest of this allocation", step + 1,
+                    new.micro_batch, new.accum, self.layout.micro_batch, self.layout.accum,
+                    new.global_batch)
+        self.event("oom_recovered", step=step + 1, micro_batch=new.micro_batch, accum=new.accum,
+                   previous_micro_batch=self.layout.micro_batch, previous_accum=self.layout.accum)
+        self.layout = new
+
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, step: int) -> dict[str, Any]:
-        pos = self.stream.position(step * self.cfg.train.global_batch)
-        return {"step": step, "samples_seen": step * self.cfg.train.global_batch,
+        pos = self.stream.position(self.samples_seen)
+        return {"step": step, "samples_seen": self.samples_seen,
+                "global_batch": self.layout.global_batch,
                 "data_position": {"epoch": pos.epoch, "offset": pos.offset},
                 "world_size": self.dist.world_size, "micro_batch": self.layout.micro_batch,
                 "accum": self.layout.accum, "restart": self.info.restart,
@@ -99,6 +150,7 @@ class Trainer:
                        needed_bytes=needed)
             return False
         result = self.checkpoints.save(self.engine, step, self.state(step))
+        statedump.after_save(self.engine, self.dist, step)
         self.last_save_time = time.time()
         log.info("saved checkpoint step %d (%s): %.1f MB in %.2f s", step, reason,
                  result["bytes"] / 1e6, result["seconds"])
@@ -106,15 +158,19 @@ class Trainer:
         return True
 
     # -- the loop --------------------------------------------------------------------------------
-    def run(self, start_step: int, train_time_s: float = 0.0) -> int:
-        """Train from `start_step` to the end. Returns 0 when finished, the preemption code if not."""
+    def run(self, start_step: int, train_time_s: float = 0.0, samples_seen: int | None = None) -> int:
+        """Train from `start_step` to the end. Returns 0 when finished, the preemption code if not.
+
+        `samples_seen` is the data position (default: start_step global batches)."""
         total = self.cfg.train.steps
         every_steps = self.cfg.checkpoint.every_steps
         every_s = self.cfg.checkpoint.every_min * 60
         self.train_time_s = train_time_s
+        self.samples_seen = start_step * self.layout.global_batch if samples_seen is None \
+            else samples_seen
         last_saved = start_step
         step = start_step
-        tokens_per_step = self.cfg.train.global_batch * self.cfg.data.seq_len
+        tokens_per_step = self.layout.global_batch * self.cfg.data.seq_len
         while True:
             time_due = every_s > 0 and time.time() - self.last_save_time >= every_s
             preempt, time_due = self.dist.any([self.flag.is_set, time_due])
@@ -137,11 +193,13 @@ class Trainer:
             loss, lr = self.train_step(step)
             elapsed = time.perf_counter() - started
             self.train_time_s += elapsed
+            self.samples_seen += self.layout.global_batch
             step += 1
             record = {"step": step, "loss": loss, "lr": lr, "world_size": self.dist.world_size,
                       "restart": self.info.restart, "time": time.time(), "step_time_s": elapsed,
                       "tokens_per_s": tokens_per_step / elapsed,
-                      "samples_per_s": self.cfg.train.global_batch / elapsed,
+                      "samples_per_s": self.layout.global_batch / elapsed,
+                      "micro_batch": self.layout.micro_batch, "accum": self.layout.accum,
                       "job_id": self.info.job_id}
             if self.dist.device.type == "cuda":
                 record["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -56,14 +56,15 @@ def run(run_dir: Path, world: int = 1, sets: list[str] = (), env: dict | None = 
     return finish(start(run_dir, world, sets, env, extra))
 
 
-def interrupt(run_dir: Path, after_step: int, world: int = 1, sets: list[str] = ()) -> tuple[int, int]:
+def interrupt(run_dir: Path, after_step: int, world: int = 1, sets: list[str] = (),
+              env: dict | None = None) -> tuple[int, int]:
     """Start (or resume) a run, send SIGTERM once it logged `after_step`; return (rc, step seen).
 
     The step waited for is one this process logs itself (past any step already in the file).
     """
     logged = [r["step"] for r in metrics(run_dir)] if run_dir.exists() else []
     after_step = max([after_step, *(s + 1 for s in logged)])
-    proc = start(run_dir, world, sets)
+    proc = start(run_dir, world, sets, env)
     seen = wait_for_step(RunPaths.at(run_dir).metrics, after_step, TIMEOUT_S,
                          lambda: proc.poll() is None)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank

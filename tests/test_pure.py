@@ -63,25 +63,6 @@ def test_synthetic_corpus_is_deterministic_and_in_vocab():
     assert not np.array_equal(a, generate_corpus(5000, 256, 8))
 
 
-@pytest.mark.parametrize("gb, world, micros, expected", [
-    (8, 1, [8, 4, 2, 1], (8, 1)), (8, 2, [8, 4, 2, 1], (4, 1)), (8, 4, [8, 4, 2, 1], (2, 1)),
-    (256, 4, [16, 8, 4, 2, 1], (16, 4)), (12, 3, [8, 4, 2, 1], (4, 1)), (6, 2, [2], None),
-])
-def test_layout_keeps_the_global_batch(gb, world, micros, expected):
-    if expected is None:
-        with pytest.raises(ConfigError, match="no size in placement.micro_batch_sizes"):
-            choose_layout(gb, world, micros)
-        return
-    layout = choose_layout(gb, world, micros)
-    assert (layout.micro_batch, layout.accum) == expected
-
-
-def test_layout_refuses_a_global_batch_that_does_not_divide():
-    with pytest.raises(ConfigError, match=r"train.global_batch=8 does not divide over 3 ranks; "
-                                          r"it divides over \[1, 2, 4\] ranks"):
-        choose_layout(8, 3, [1])
-
-
 def test_lr_warms_up_linearly_then_decays_to_min_lr():
     t = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
     assert lr_factor(0, t) == pytest.approx(0.1) and lr_factor(9, t) == pytest.approx(1.0)

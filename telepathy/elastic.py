@@ -1,0 +1,182 @@
+"""Resume at another world size: convert a ZeRO-3 checkpoint to DeepSpeed's universal format once,
+verify it like any checkpoint, cache it in the run directory, and load it.
+
+ZeRO-3 shards optimizer state by rank, so a checkpoint written by 2 ranks cannot be loaded by 1
+or 4 as it is. DeepSpeed's `ds_to_universal` rewrites it per parameter (fp32 weights, both Adam
+moments, step), and `"checkpoint": {"load_universal": true}` loads that at any world size.
+
+The cache `universal/step_XXXXXXXX/` carries its own MANIFEST.json (sizes and SHA-256 of every
+file, written last) and the SHA-256 of the source checkpoint's manifest, so a cache that is
+incomplete, damaged, or made from another checkpoint of the same step is rebuilt, never trusted.
+
+Remapping rule (world size W_old -> W_new):
+- data: the position is the number of samples seen, and each step's samples are split over ranks
+  by `data.rank_slice`, so the data order does not depend on the world size at all;
+- RNG: rank r restores the saved RNG state of rank r when r < W_old; ranks r >= W_old are seeded
+  from (train.seed, step, r). Only randomness inside the model (dropout) draws from these streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import proc
+from .checkpoint import FORMAT, HASH_THREADS, Found, _problems, list_files, read_manifest
+from .errors import CheckpointError
+from .fsutil import fsync_dir, sha256_file, write_json_atomic
+from .paths import MANIFEST, RunPaths
+
+log = logging.getLogger(__name__)
+
+CONVERT_TIMEOUT_S = 6 * 3600
+
+
+def source_id(ckpt: Path) -> str:
+    """The SHA-256 of a checkpoint's manifest: names its exact contents."""
+    return hashlib.sha256((ckpt / MANIFEST).read_bytes()).hexdigest()
+
+
+def rng_seed(train_seed: int, step: int, rank: int) -> int:
+    """The seed of a rank that did not exist when the checkpoint was written."""
+    return (train_seed * 1_000_003 + step * 1_009 + rank) % 2**63
+
+
+def _cache_matches(target: Path, found: Found) -> bool:
+    manifest = read_manifest(target)
+    return (manifest is not None and manifest.get("kind") == "universal"
+            and manifest.get("source_manifest_sha256") == source_id(found.path))
+
+
+def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
+    """Rank 0: run ds_to_universal into a temp directory, hash it, write its manifest, rename."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    for leftover in (tmp, target):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(found.path), "--output_folder", str(tmp),
+           "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    try:
+        proc.run(cmd, timeout=CONVERT_TIMEOUT_S)
+    except proc.CommandError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"converting checkpoint {found.path.name} for a new world size failed: {exc}. "
+            f"Free disk space if that was the cause, or resume with the original world size "
+            f"({found.state['world_size']} GPU(s))") from None
+    finally:
+        (target.parent / "latest_universal").unlink(missing_ok=True)  # never trusted, never left
+    converted = time.time()
+    files = list_files(tmp)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        hashed = dict(zip(files, pool.map(lambda n: sha256_file(tmp / n, fsync=True), files)))
+    for sub in {(tmp / n).parent for n in files}:
+        fsync_dir(sub)
+    entries = {n: {"size": size, "sha256": digest} for n, (size, digest) in hashed.items()}
+    manifest = {"format": FORMAT, "kind": "universal", "step": found.step,
+                "source": found.path.name, "source_manifest_sha256": source_id(found.path),
+                "source_world_size": found.state["world_size"], "created": time.time(),
+                "bytes": sum(e["size"] for e in entries.values()), "files": entries}
+    write_json_atomic(tmp / MANIFEST, manifest)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return {"convert_s": round(converted - started, 3), "hash_s": round(time.time() - converted, 3),
+            "bytes": manifest["bytes"]}
+
+
+def _verify(target: Path, dist: Any) -> list[str]:
+    """Collective: every file of a universal copy against its manifest, split across ranks."""
+    manifest = read_manifest(target)
+    if manifest is None:
+        return [f"{target.name}: no manifest"]
+    files = sorted(set(manifest["files"]) | set(list_files(target)))
+    mine = files[dist.rank::dist.world_size]
+    return [p for part in dist.all_gather_object(_problems(target, manifest, mine)) for p in part]
+
+
+def universal_checkpoint(found: Found, paths: RunPaths, dist: Any, workers: int = 2
+                         ) -> tuple[Path, dict[str, Any]]:
+    """Collective: a verified universal copy of `found`, taken from the cache or converted.
+
+    Returns its directory and what was done: cached or converted, seconds, bytes, and the
+    problems of a cached copy that was rebuilt.
+    """
+    target = paths.universal(found.step)
+    started = time.time()
+    cached = dist.broadcast_object(target.is_dir() and _cache_matches(target, found)
+                                   if dist.is_main else None)
+    result: dict[str, Any] = {"cached": bool(cached)}
+    if cached:
+        problems = _verify(target, dist)
+        if not problems:
+            return target, {**result, "verify_s": round(time.time() - started, 3)}
+        log.warning("the cached universal copy of %s is damaged (%s); converting again",
+                    found.path.name, "; ".join(problems[:3]))
+        result = {"cached": False, "rebuilt_after": problems[:10]}
+    done: Any = None
+    if dist.is_main:
+        try:
+            done = _convert(found, target, workers)
+        except CheckpointError as exc:
+            done = {"error": str(exc)}
+    done = dist.broadcast_object(done)
+    if "error" in done:
+        raise CheckpointError(done["error"])
+    started = time.time()
+    problems = _verify(target, dist)
+    if problems:
+        raise CheckpointError(f"the universal copy of {found.path.name} failed verification "
+                              f"right after conversion ({'; '.join(problems[:3])}); check the "
+                              "disk of the run directory")
+    return target, {**result, **done, "verify_s": round(time.time() - started, 3)}
+
+
+def repair_universal_load(engine: Any, universal: Path) -> list[str]:
+    """Undo two defects of DeepSpeed's ZeRO-3 universal load (0.19.8,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`); returns what it repaired.
+
+    1. It copies the hyperparameters of parameter group 0 onto every group ("generally the
+       same"), so parameters without weight decay (norms) would get group 0's weight decay.
+       The universal optimizer_state.pt keeps every group's values; they are reapplied by index.
+    2. It assigns one and the same `step` tensor to the Adam state of every group; AdamW
+       increments it in place once per group, so after the load Adam's step (and its bias
+       correction) advanced twice per optimizer step with two groups. Each group gets its own copy.
+
+    Both were found by comparing the full optimizer state and the losses with an uninterrupted
+    run (tests/test_elastic.py). The file read here was verified against the manifest before.
+    """
+    import torch
+
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    inner = engine.optimizer.optimizer
+    groups = inner.param_groups
+    if len(saved) != len(groups):
+        raise CheckpointError(f"{universal} has {len(saved)} optimizer parameter groups, the "
+                              f"model has {len(groups)}; resume with the original world size")
+    repaired = []
+    for i, (group, values) in enumerate(zip(groups, saved)):
+        values = {k: v for k, v in values.items() if k != "params"}
+        if any(group.get(k) != v for k, v in values.items()):
+            repaired.append(f"hyperparameters of group {i}")
+        group.update(values)
+    seen: set[int] = set()
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = inner.state.get(flat, {})
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                repaired.append("shared Adam step tensor")
+            seen.add(id(step))
+    return repaired
