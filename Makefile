@@ -12,3 +12,4 @@ test: setup
 
 bench-smoke: setup
 	.venv/bin/python -m bench.monitor_overhead --smoke
+	.venv/bin/python -m bench.memory_model --smoke

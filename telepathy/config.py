@@ -182,8 +182,9 @@ class PlacementConfig:
     micro_batch_sizes: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
     """Allowed per-rank micro-batch sizes; the largest that divides the per-rank batch and fits
     the GPU's memory is used."""
-    gpu_mem_gib: float = 80.0
-    """GPU memory assumed by `telepathy.plan` (on a GPU, resume reads the real size)."""
+    gpu_mem_gib: float = 79.1
+    """GPU memory in GiB assumed by `telepathy.plan` (an H100 80GB has 79.1 GiB); on a GPU,
+    resume reads the real size."""
     gpu_mem_headroom: float = 0.9
     """Fraction of GPU memory a placement may plan to use."""
     allow_offload: bool = True
@@ -220,6 +221,8 @@ class PlacementConfig:
 class SlurmConfig:
     partition: str = "preemptible"
     """Partition the job script asks for."""
+    gpu_type: str = "h100"
+    """GRES type of the GPUs (`--gpus-per-node=<gpu_type>:<count>`)."""
     gpus_per_node: int = 4
     """H100s per node (1-4); one training rank per GPU."""
     cpus_per_gpu: int = 8

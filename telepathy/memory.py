@@ -70,9 +70,13 @@ class Memory:
     step_extra: int
     buffers: int
     activations: int
+    phases_add: bool = False
+    """True for host memory, where the step's temporaries do not reuse the activations' memory."""
 
     @property
     def peak(self) -> int:
+        if self.phases_add:
+            return self.states + self.buffers + self.activations + self.step_extra
         return self.states + self.buffers + max(self.activations, self.step_extra)
 
     @property
@@ -95,8 +99,14 @@ def activation_bytes(shape: ModelShape, micro: int, dtype_bytes: int) -> int:
 
 
 def zero3_memory(shape: ModelShape, world: int, micro: int, dtype_bytes: int,
-                 offload: str = "none") -> Memory:
-    """Modelled memory per rank of ZeRO-3 training at this world size and micro-batch."""
+                 offload: str = "none", host: bool = False) -> Memory:
+    """Modelled memory per rank of ZeRO-3 training at this world size and micro-batch.
+
+    `host`: resident host memory of training on CPU instead. An untouched allocation costs
+    nothing there (only the used part of the reduce bucket counts), and the C allocator keeps
+    the activations' freed memory, so the optimizer step's temporaries add to it (`peak` of the
+    returned Memory then sums both phases).
+    """
     if offload not in OFFLOADS:
         raise ValueError(f"offload={offload!r}: use one of {', '.join(OFFLOADS)}")
     shard = -(-shape.parameters // world)
@@ -112,5 +122,6 @@ def zero3_memory(shape: ModelShape, world: int, micro: int, dtype_bytes: int,
     if offload == "optimizer+params":
         states = 0
     largest_gathered = max(shape.layer_parameters, shape.vocab * shape.hidden) * dtype_bytes
-    buffers = (REDUCE_BUCKET + PREFETCH_BUCKET) * dtype_bytes + largest_gathered
-    return Memory(states, step_extra, buffers, activation_bytes(shape, micro, dtype_bytes))
+    bucket = min(REDUCE_BUCKET, shape.parameters) if host else REDUCE_BUCKET
+    buffers = (bucket + PREFETCH_BUCKET) * dtype_bytes + largest_gathered
+    return Memory(states, step_extra, buffers, activation_bytes(shape, micro, dtype_bytes), host)
