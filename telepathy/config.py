@@ -144,6 +144,8 @@ class CheckpointConfig:
     """Save when this many minutes have passed since the last save; 0 disables."""
     keep: int = 3
     """Newest complete checkpoints to keep (at least 2, so one always survives a bad save)."""
+    async_save: bool = True
+    """Write checkpoints in the background: training waits only for the copy to host memory."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from . import proc
-from .checkpoint import FORMAT, HASH_THREADS, Found, _problems, list_files, read_manifest
+from .checkpoint import (FORMAT, HASH_THREADS, Found, hash_file, list_files, read_manifest,
+                         verify_collective)
 from .errors import CheckpointError
-from .fsutil import fsync_dir, sha256_file, write_json_atomic
+from .fsutil import fsync_dir, write_json_atomic
 from .paths import MANIFEST, RunPaths
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,9 @@ def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
     converted = time.time()
     files = list_files(tmp)
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        hashed = dict(zip(files, pool.map(lambda n: sha256_file(tmp / n, fsync=True), files)))
+        entries = dict(zip(files, pool.map(lambda n: hash_file(tmp / n, fsync=True), files)))
     for sub in {(tmp / n).parent for n in files}:
         fsync_dir(sub)
-    entries = {n: {"size": size, "sha256": digest} for n, (size, digest) in hashed.items()}
     manifest = {"format": FORMAT, "kind": "universal", "step": found.step,
                 "source": found.path.name, "source_manifest_sha256": source_id(found.path),
                 "source_world_size": found.state["world_size"], "created": time.time(),
@@ -99,9 +99,7 @@ def _verify(target: Path, dist: Any) -> list[str]:
     manifest = read_manifest(target)
     if manifest is None:
         return [f"{target.name}: no manifest"]
-    files = sorted(set(manifest["files"]) | set(list_files(target)))
-    mine = files[dist.rank::dist.world_size]
-    return [p for part in dist.all_gather_object(_problems(target, manifest, mine)) for p in part]
+    return verify_collective(target, manifest, dist)
 
 
 def universal_checkpoint(found: Found, paths: RunPaths, dist: Any, workers: int = 2

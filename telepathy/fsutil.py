@@ -1,15 +1,11 @@
-"""Durable file operations: fsync, atomic replace, streaming SHA-256."""
+"""Durable file operations: fsync, atomic replace."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
-
-CHUNK = 8 * 1024 * 1024
-
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -17,19 +13,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path, fsync: bool = False) -> tuple[int, str]:
-    """Size and SHA-256 of a file in one read; with `fsync`, also make it durable first."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        if fsync:
-            os.fsync(f.fileno())
-    return size, digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes, before_replace=None) -> None:

@@ -122,6 +122,20 @@ def _job_logs(slurm: SlurmEnv) -> dict[str, str]:
     return {k.lower(): job[k] for k in ("StdOut", "StdErr") if job.get(k)}
 
 
+def _time_left(slurm: SlurmEnv) -> float | None:
+    """Seconds until SLURM ends this job (its EndTime: the limit, or the end of a preemption's
+    grace time); None outside SLURM or when unknown."""
+    from datetime import datetime
+
+    if not slurm.in_job:
+        return None
+    try:
+        end = slurmctl.show_job(slurm.job_id, timeout_s=5).get("EndTime", "")
+        return (datetime.fromisoformat(end) - datetime.now()).total_seconds()
+    except (CommandError, ValueError):
+        return None
+
+
 def _count_launches(paths: RunPaths) -> int:
     return sum(1 for e in read_jsonl(paths.events) if e.get("event") == "launch")
 
@@ -215,7 +229,8 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                                   cfg.monitor.high_mem_pct)
             monitor = SystemMonitor(paths.system(socket.gethostname()), paths.root,
                                     cfg.monitor.interval_s, limits).start()
-        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults)
+        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
+                                        async_save=cfg.checkpoint.async_save)
         for note in plan.notes:
             log.warning("placement: %s", note)
         found, verify_s = _newest_checkpoint(checkpoints, dist, events, base)
@@ -238,6 +253,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
 
         stream = _stream(cfg, paths, dist)
         engine = build_engine(cfg, layout, cuda, plan.offload, load_universal=universal is not None)
+        checkpoints.attach(engine)
         parameters = count_parameters(engine)
         # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
         checkpoints.estimate_bytes = 16 * parameters
@@ -261,7 +277,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                      plan.memory.peak_gib)
             events.write({"event": "start", **base, "step": 0, "parameters": parameters})
         trainer = Trainer(cfg, dist, engine, stream, layout, checkpoints, flag, metrics, events,
-                          info, faults)
+                          info, faults, time_left=lambda: _time_left(slurm))
         statedump.after_load(engine, dist, found.step if found else 0)
         return trainer.run(start_step, train_time_s, samples_seen)
     except BaseException as exc:

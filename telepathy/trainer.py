@@ -38,7 +38,8 @@ class RunInfo:
 class Trainer:
     def __init__(self, cfg: Config, dist: Dist, engine: Any, stream: TokenStream, layout: Layout,
                  checkpoints: CheckpointManager, flag: PreemptionFlag, metrics: Any, events: Any,
-                 info: RunInfo, faults: FaultPlan = FaultPlan()):
+                 info: RunInfo, faults: FaultPlan = FaultPlan(),
+                 time_left: Any = lambda: None):
         self.cfg = cfg
         self.dist = dist
         self.engine = engine
@@ -54,6 +55,9 @@ class Trainer:
         self.last_save_time = time.time()
         self.samples_seen = 0
         self.oom_recoveries = 0
+        self.time_left = time_left
+        """Seconds until SLURM ends this job, or None (asked on rank 0 on a signal)."""
+        self.saving: dict[int, str] = {}
 
     def event(self, name: str, **fields: Any) -> None:
         self.events.write({"event": name, "time": time.time(), "restart": self.info.restart,
@@ -139,7 +143,11 @@ class Trainer:
                 "telepathy_version": __version__, "time": time.time(),
                 "config": self.cfg.to_dict()}
 
-    def save(self, step: int, reason: str) -> bool:
+    def save(self, step: int, reason: str, wait: bool = False) -> bool:
+        """Start a checkpoint of `step` (finished in the background unless `wait`).
+
+        Returns whether it started; a save refused for lack of space leaves the previous one.
+        """
         ok, free, needed = self.checkpoints.space()
         if not ok:
             self.last_save_time = time.time()  # a time-based save retries at the next interval
@@ -149,13 +157,56 @@ class Trainer:
             self.event("checkpoint_skipped", step=step, reason=reason, free_bytes=free,
                        needed_bytes=needed)
             return False
-        result = self.checkpoints.save(self.engine, step, self.state(step))
-        statedump.after_save(self.engine, self.dist, step)
+        stall = self.checkpoints.save(self.engine, step, self.state(step), wait=wait)
         self.last_save_time = time.time()
-        log.info("saved checkpoint step %d (%s): %.1f MB in %.2f s", step, reason,
-                 result["bytes"] / 1e6, result["seconds"])
-        self.event("checkpoint_saved", step=step, reason=reason, **result)
+        self.saving[step] = reason
+        log.info("checkpoint step %d (%s): training blocked %.2f s for the snapshot%s", step,
+                 reason, stall, "" if wait else "; writing in the background")
+        statedump.after_save(self.engine, self.dist, step)
         return True
+
+    def report_saves(self) -> int | None:
+        """Log the saves that finished; returns the step of a failed one, if any."""
+        failed = None
+        for result in self.checkpoints.completed():
+            reason = self.saving.pop(result["step"], "?")
+            if "error" in result:
+                failed = result["step"]
+                log.error("checkpoint step %d (%s) FAILED: %s. Its directory was removed; the "
+                          "previous checkpoint stays the newest", result["step"], reason,
+                          result["error"])
+                self.event("checkpoint_failed", reason=reason, **result)
+                continue
+            log.info("saved checkpoint step %d (%s): %.1f MB in %.2f s (stall %.2f s)",
+                     result["step"], reason, result["bytes"] / 1e6, result["seconds"],
+                     result["stall_s"])
+            self.event("checkpoint_saved", reason=reason, **result)
+        return failed
+
+    def warn_if_save_may_not_fit(self, step: int) -> None:
+        """On a signal: say loudly when the last save took longer than the time left."""
+        left = self.time_left() if self.dist.is_main else None
+        expected = self.checkpoints.last_seconds
+        if left is None or expected is None or expected < left:
+            return
+        log.warning("the final save may not finish: the last save took %.0f s and SLURM ends this "
+                    "job in %.0f s. If it is cut off, the previous checkpoint stays valid and the "
+                    "steps since it are trained again. Give the job more warning "
+                    "(--signal=TERM@N, GraceTime) or save more often", expected, left)
+        self.event("save_deadline_risk", step=step, expected_save_s=expected, time_left_s=left)
+
+    def finish_in_flight(self, last_saved: int) -> int:
+        """Collective: wait for the save in flight; the step of the newest complete checkpoint
+        if a save failed on any rank, else `last_saved`."""
+        self.checkpoints.wait()
+        failed, = self.dist.any([self.report_saves() is not None])
+        return min(last_saved, self.last_complete()) if failed else last_saved
+
+    def last_complete(self) -> int:
+        """The newest step with a complete checkpoint (after a failed background save)."""
+        from .paths import complete_checkpoint_steps
+        steps = complete_checkpoint_steps(self.checkpoints.paths.checkpoints)
+        return self.dist.broadcast_object(steps[-1] if steps and self.dist.is_main else 0)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, start_step: int, train_time_s: float = 0.0, samples_seen: int | None = None) -> int:
@@ -173,15 +224,21 @@ class Trainer:
         tokens_per_step = self.layout.global_batch * self.cfg.data.seq_len
         while True:
             time_due = every_s > 0 and time.time() - self.last_save_time >= every_s
-            preempt, time_due = self.dist.any([self.flag.is_set, time_due])
+            failed = self.report_saves() is not None
+            preempt, time_due, failed = self.dist.any([self.flag.is_set, time_due, failed])
+            if failed:
+                last_saved = min(last_saved, self.last_complete())
             if preempt:
                 self.event("signal", step=step, signal=self.flag.name,
                            received_at=self.flag.received_at)
                 log.warning("preemption signal %s: saving at step %d and exiting with %d",
                             self.flag.name or "(on another rank)", step,
                             self.cfg.preemption.exit_code)
+                self.warn_if_save_may_not_fit(step)
+                last_saved = self.finish_in_flight(last_saved)
                 if step > last_saved:
-                    self.save(step, reason="preemption")
+                    self.save(step, reason="preemption", wait=True)
+                self.report_saves()
                 self.event("preempted", step=step, exit_code=self.cfg.preemption.exit_code)
                 self.dist.barrier()  # leave together: srun stops the others when one rank exits
                 return self.cfg.preemption.exit_code
@@ -213,8 +270,10 @@ class Trainer:
             if (every_steps and step % every_steps == 0 and step < total
                     and self.save(step, reason="interval_steps")):
                 last_saved = step
+        last_saved = self.finish_in_flight(last_saved)
         if step > last_saved:
-            self.save(step, reason="final")
+            self.save(step, reason="final", wait=True)
+        self.report_saves()
         self.event("finished", step=step)
         log.info("run finished at step %d", step)
         self.dist.barrier()

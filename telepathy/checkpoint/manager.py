@@ -1,12 +1,17 @@
 """The checkpoint manager: one directory per step, valid only once its manifest exists.
 
-Save (collective, every rank):
-  1. DeepSpeed writes its ZeRO-3 shards into checkpoints/step_XXXXXXXX/ (save_latest=False),
-  2. every rank writes its RNG state (safetensors), rank 0 writes state.json,
-  3. the files are fsynced and hashed, split across ranks,
-  4. rank 0 writes MANIFEST.json last (temp, fsync, rename, fsync dir), then prunes.
-Resume verifies every file against the manifest (split across ranks) before DeepSpeed
-unpickles anything, and falls back to the previous checkpoint when one fails.
+Save (collective, every rank), in two parts:
+  1. snapshot (blocks training): DeepSpeed walks its ZeRO-3 state and hands each file's state to
+     telepathy's checkpoint engine, which copies it to host memory; each rank's RNG state
+     (safetensors) and, on rank 0, state.json are added;
+  2. persist (a background thread per rank, training goes on): the files are serialised, hashed
+     in the same pass and fsynced, several at once; the ranks exchange their file lists over a
+     separate gloo group; rank 0 writes MANIFEST.json last (temp, fsync, rename, fsync dir) and
+     prunes. At most one save is in flight: the next one, a preemption and the end of the run
+     wait for it. A save that fails (disk full) is reported, its directory removed, and the
+     previous checkpoint stays the newest.
+Resume verifies every file against the manifest (chunks split across threads and ranks) before
+DeepSpeed unpickles anything, and falls back to the previous checkpoint when one fails.
 Nothing here trusts DeepSpeed's `latest` file.
 """
 
@@ -15,27 +20,28 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from . import rng
-from .distributed import Dist
-from .faults import FaultPlan
-from .health import fits
-from .fsutil import fsync_dir, sha256_file, write_json_atomic
-from .paths import MANIFEST, RunPaths, checkpoint_name, checkpoint_step
+from .. import rng
+from ..distributed import Dist
+from ..faults import FaultPlan
+from ..fsutil import fsync_dir, write_json_atomic
+from ..health import fits
+from ..paths import MANIFEST, RunPaths, checkpoint_name, checkpoint_step
+from .manifest import FORMAT, list_files, read_manifest, tasks, verify
+from .writer import PinnedPool, Writer, make_checkpoint_engine
 
 log = logging.getLogger(__name__)
 
-FORMAT = "telepathy-checkpoint/1"
 STATE = "telepathy/state.json"
-HASH_THREADS = 4
 
 
 def rank_state_file(rank: int) -> str:
@@ -51,51 +57,41 @@ class Found:
     state: dict[str, Any]
 
 
-def _problems(ckpt: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
-    """Verify the files `names` of a checkpoint against its manifest."""
-    def check(name: str) -> str | None:
-        entry = manifest["files"].get(name)
-        path = ckpt / name
-        if entry is None:
-            return f"{name}: not listed in the manifest (stray file)"
-        if not path.is_file():
-            return f"{name}: missing"
-        size = path.stat().st_size
-        if size != entry["size"]:
-            return f"{name}: size {size} bytes, manifest says {entry['size']}"
-        _, digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            return f"{name}: sha256 {digest}, manifest says {entry['sha256']}"
-        return None
-
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
-        return [p for p in pool.map(check, names) if p]
-
-
-def list_files(ckpt: Path) -> list[str]:
-    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"))
-
-
-def read_manifest(ckpt: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return None
-    return manifest
+def verify_collective(ckpt: Path, manifest: dict[str, Any], dist: Any) -> list[str]:
+    """Collective: every file of a checkpoint against its manifest, chunks split across ranks."""
+    units = tasks(ckpt, manifest)
+    mine = units[dist.rank::dist.world_size]
+    return [p for part in dist.all_gather_object(verify(ckpt, manifest, mine)) for p in part]
 
 
 class CheckpointManager:
     def __init__(self, paths: RunPaths, dist: Dist, keep: int, faults: FaultPlan = FaultPlan(),
-                 estimate_bytes: int = 0):
+                 estimate_bytes: int = 0, async_save: bool = True):
         self.paths = paths
         self.dist = dist
         self.keep = keep
         self.faults = faults
         self.estimate_bytes = estimate_bytes
         """Expected size of a checkpoint before the first one exists."""
+        self.async_save = async_save
+        self.writer: Writer | None = None
+        self._pinned = PinnedPool() if dist.device.type == "cuda" else None
+        self._saving: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._result: dict[str, Any] | None = None
+        self._unreported: list[dict[str, Any]] = []
+        self.last_seconds: float | None = None
+        """Total seconds (snapshot to manifest) of the last save that completed."""
+        # Background threads exchange file lists on their own group, never on training's.
+        self._group = torch.distributed.new_group(backend="gloo") \
+            if torch.distributed.is_initialized() else None
+
+    def attach(self, engine: Any) -> None:
+        """Make DeepSpeed save through telepathy's snapshotting checkpoint engine."""
+        zipped = bool(engine._config.checkpoint_config.get("checkpoint_serialization", True))
+        self.writer = Writer(serialization_zip=zipped)
+        engine.checkpoint_engine = make_checkpoint_engine(self.writer, lambda: self._saving,
+                                                          self._pinned)
 
     def space(self) -> tuple[bool, int, int]:
         """Collective: (fits, free bytes, needed bytes) for the next checkpoint, rank 0's view."""
@@ -109,8 +105,12 @@ class CheckpointManager:
         return self.dist.broadcast_object(verdict)
 
     # -- save ------------------------------------------------------------------------------
-    def save(self, engine: Any, step: int, state: dict[str, Any]) -> dict[str, Any]:
-        """Write a complete checkpoint of `step` on every rank. Returns size and timing."""
+    def save(self, engine: Any, step: int, state: dict[str, Any], wait: bool = False) -> float:
+        """Collective: snapshot `step` and persist it in the background (or now, with `wait` or
+        checkpoint.async_save off). Returns the seconds training was blocked (the stall)."""
+        self.wait()
+        if self.writer is None:
+            self.attach(engine)
         started = time.time()
         name = checkpoint_name(step)
         ckpt = self.paths.checkpoint(step)
@@ -121,45 +121,104 @@ class CheckpointManager:
                 self._remove(ckpt)
         self.dist.barrier()
         hit("save.start")
-        engine.save_checkpoint(str(self.paths.checkpoints), tag=name, client_state={},
-                               save_latest=False)
-        engine_done = time.time()
-        hit("save.engine_done")
+        self._saving = ckpt
+        try:
+            engine.save_checkpoint(str(self.paths.checkpoints), tag=name, client_state={},
+                                   save_latest=False)
+        finally:
+            self._saving = None
         (ckpt / "telepathy").mkdir(parents=True, exist_ok=True)
         tensors, meta = rng.capture()
-        save_file(tensors, str(ckpt / rank_state_file(self.dist.rank)),
-                  metadata={"rng": json.dumps(meta)})
+        self.writer.submit_bytes(rank_state_file(self.dist.rank),
+                                 safetensors_bytes(tensors, {"rng": json.dumps(meta)}),
+                                 ckpt / rank_state_file(self.dist.rank))
         if self.dist.is_main:
-            (ckpt / STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-        hit("save.state_done")
-        self.dist.barrier()
+            self.writer.submit_bytes(STATE, (json.dumps(state, indent=1, sort_keys=True) + "\n")
+                                     .encode(), ckpt / STATE)
+        stall = time.time() - started
+        hit("save.engine_done")
+        jobs = self.writer.take_jobs()
+        self._thread = threading.Thread(target=self._persist, name=f"ckpt-{step}", daemon=True,
+                                        args=(step, ckpt, jobs, started, stall))
+        self._thread.start()
+        if wait or not self.async_save:
+            self.wait()
+        return stall
 
-        files = self.dist.broadcast_object(list_files(ckpt) if self.dist.is_main else None)
-        mine = files[self.dist.rank::self.dist.world_size]
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            hashed = dict(zip(mine, pool.map(lambda n: sha256_file(ckpt / n, fsync=True), mine)))
-        entries: dict[str, dict[str, Any]] = {}
-        for part in self.dist.all_gather_object(hashed):
-            entries.update({n: {"size": s, "sha256": h} for n, (s, h) in part.items()})
-        hashed_at = time.time()
-        hit("save.hashed")
-        total = sum(e["size"] for e in entries.values())
-        if self.dist.is_main:
-            for sub in {(ckpt / n).parent for n in files}:
+    def _persist(self, step: int, ckpt: Path, jobs: list, started: float, stall: float) -> None:
+        """Background, every rank: finish this rank's files, agree, and (rank 0) commit."""
+        hit = lambda point: self.faults.hit(point, step, self.dist.rank)  # noqa: E731
+        entries: dict[str, Any] = {}
+        error = None
+        try:
+            for i, (name, future) in enumerate(jobs):
+                entries[name] = future.result()
+                if i == 0:
+                    hit("save.file_written")
+            for sub in {(ckpt / n).parent for n in entries}:
                 fsync_dir(sub)
-            manifest = {"format": FORMAT, "step": step, "world_size": self.dist.world_size,
-                        "created": time.time(), "bytes": total, "files": entries}
-            write_json_atomic(ckpt / MANIFEST, manifest,
-                              before_replace=lambda: hit("save.manifest_tmp"))
-            fsync_dir(self.paths.checkpoints)
-            hit("save.done")
-            self.prune()
-        self.dist.barrier()
+        except Exception as exc:  # disk full, I/O error: reported, never fatal to training
+            error = f"rank {self.dist.rank}: {type(exc).__name__}: {exc}"
+        written = time.time()
+        parts: list[Any] = [None] * self.dist.world_size
+        if self._group is not None:
+            torch.distributed.all_gather_object(parts, (entries, error), group=self._group)
+        else:
+            parts = [(entries, error)]
+        result: dict[str, Any] = {"step": step, "checkpoint": ckpt.name, "stall_s": round(stall, 3),
+                                  "write_s": round(written - started - stall, 3)}
+        errors = [e for _, e in parts if e]
+        files = {n: e for part, _ in parts for n, e in part.items()}
+        if errors:
+            result["error"] = "; ".join(errors)
+        else:
+            result.update(bytes=sum(e["size"] for e in files.values()), files=len(files))
+        if not errors and self.dist.is_main:
+            try:
+                hit("save.hashed")
+                fsync_dir(ckpt)
+                manifest = {"format": FORMAT, "step": step, "world_size": self.dist.world_size,
+                            "created": time.time(), "bytes": sum(e["size"] for e in files.values()),
+                            "files": files}
+                write_json_atomic(ckpt / MANIFEST, manifest,
+                                  before_replace=lambda: hit("save.manifest_tmp"))
+                fsync_dir(self.paths.checkpoints)
+                hit("save.done")
+                self.prune()
+            except Exception as exc:
+                result["error"] = f"rank 0: {type(exc).__name__}: {exc}"
+        if "error" in result and self.dist.is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)  # every rank is done with it
         done = time.time()
-        return {"bytes": total, "files": len(entries), "seconds": round(done - started, 3),
-                "engine_s": round(engine_done - started, 3),
-                "fsync_hash_s": round(hashed_at - engine_done, 3),
-                "manifest_prune_s": round(done - hashed_at, 3)}
+        result["seconds"] = round(done - started, 3)
+        result["persist_s"] = round(done - started - stall, 3)
+        if "bytes" in result:
+            result["GB_per_s"] = round(result["bytes"] / 1e9 / max(done - started, 1e-9), 3)
+        self._result = result
+
+    def wait(self) -> dict[str, Any] | None:
+        """Finish the save in flight, if any; its result (also kept for `completed()`)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        result, self._result = self._result, None
+        if result is not None:
+            if "error" not in result:
+                self.last_seconds = result["seconds"]
+            self._unreported.append(result)
+        return result
+
+    def completed(self) -> list[dict[str, Any]]:
+        """Results of saves finished since the last call (without waiting for one in flight)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+        out, self._unreported = self._unreported, []
+        return out
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None
 
     # -- find and load ---------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:
@@ -181,10 +240,7 @@ class CheckpointManager:
             if manifest is None:
                 rejected.append({"checkpoint": ckpt.name, "problems": ["no manifest (incomplete)"]})
                 continue
-            files = sorted(set(manifest["files"]) | set(list_files(ckpt)))
-            mine = files[self.dist.rank::self.dist.world_size]
-            problems = [p for part in self.dist.all_gather_object(_problems(ckpt, manifest, mine))
-                        for p in part]
+            problems = verify_collective(ckpt, manifest, self.dist)
             if problems:
                 rejected.append({"checkpoint": ckpt.name, "problems": problems})
                 continue
@@ -206,7 +262,7 @@ class CheckpointManager:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {source}")
         if universal is not None:
-            from .elastic import repair_universal_load, rng_seed
+            from ..elastic import repair_universal_load, rng_seed
             repaired = repair_universal_load(engine, universal)
             if repaired:
                 log.info("after DeepSpeed's universal load, repaired: %s", "; ".join(repaired))
