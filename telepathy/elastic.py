@@ -30,7 +30,7 @@ from typing import Any
 
 from . import proc
 from .checkpoint import (FORMAT, HASH_THREADS, Found, hash_file, list_files, read_manifest,
-                         verify_collective)
+                         seal, verify_collective)
 from .errors import CheckpointError
 from .fsutil import fsync_dir, write_json_atomic
 from .paths import MANIFEST, RunPaths
@@ -87,7 +87,7 @@ def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
                 "source": found.path.name, "source_manifest_sha256": source_id(found.path),
                 "source_world_size": found.state["world_size"], "created": time.time(),
                 "bytes": sum(e["size"] for e in entries.values()), "files": entries}
-    write_json_atomic(tmp / MANIFEST, manifest)
+    write_json_atomic(tmp / MANIFEST, seal(manifest))
     os.replace(tmp, target)
     fsync_dir(target.parent)
     return {"convert_s": round(converted - started, 3), "hash_s": round(time.time() - converted, 3),

@@ -1,6 +1,7 @@
 """Fault points for tests: kill (or hold) this very process at a named point of the save path.
 
-`TELEPATHY_FAULT="<point>@<step>[:<rank>][,sleep=<seconds>][,times=<n>]"` makes the process
+`TELEPATHY_FAULT="<point>@<step>[:<rank>][,sleep=<seconds>][,times=<n>]"` (several joined by
+`;`, step `*` for any step) makes the process
 SIGKILL itself when it reaches `<point>` while saving step `<step>` (on every rank, or only
 `<rank>`), or, with `sleep=`, pause there so a test can send a signal into the middle of a save.
 `step.exception` raises an error instead, and `step.oom` raises torch.OutOfMemoryError, as CUDA
@@ -16,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-POINTS = ("save.start", "save.engine_done", "save.state_done", "save.hashed",
-          "save.manifest_tmp", "save.done", "prune.manifest_removed", "step.exception", "step.oom")
+POINTS = ("save.start", "save.engine_done", "save.file_written", "save.hashed",
+          "save.manifest_tmp", "save.done", "prune.manifest_removed", "step.start",
+          "step.exception", "step.oom")
+ANY_STEP = -1
 
 
 @dataclass(frozen=True)
@@ -29,26 +32,36 @@ class FaultPlan:
     times: int = 0
     """How often the point fires; 0: every time it is reached."""
     fired: list[int] = field(default_factory=lambda: [0], compare=False)
+    more: tuple["FaultPlan", ...] = ()
+    """Further faults of the same run (specs separated by ';')."""
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> "FaultPlan":
-        spec = env.get("TELEPATHY_FAULT", "")
-        if not spec:
+        specs = [s for s in env.get("TELEPATHY_FAULT", "").split(";") if s]
+        if not specs:
             return cls()
+        first, *rest = [cls._parse(s) for s in specs]
+        return cls(first.point, first.step, first.rank, first.sleep_s, first.times,
+                   more=tuple(rest))
+
+    @classmethod
+    def _parse(cls, spec: str) -> "FaultPlan":
         where, *actions = spec.split(",")
         point, _, rest = where.partition("@")
         step, _, rank = rest.partition(":")
         options = dict(a.partition("=")[::2] for a in actions)
-        if (point not in POINTS or not step.isdigit() or set(options) - {"sleep", "times"}
-                or not options.get("times", "0").isdigit()):
-            raise ValueError(f"TELEPATHY_FAULT={spec!r}: expected <point>@<step>[:<rank>]"
+        if (point not in POINTS or not (step.isdigit() or step == "*")
+                or set(options) - {"sleep", "times"} or not options.get("times", "0").isdigit()):
+            raise ValueError(f"TELEPATHY_FAULT={spec!r}: expected <point>@<step or *>[:<rank>]"
                              f"[,sleep=<seconds>][,times=<n>] with a point among "
-                             f"{', '.join(POINTS)}")
-        return cls(point, int(step), int(rank) if rank else None,
+                             f"{', '.join(POINTS)}; several separated by ';'")
+        return cls(point, ANY_STEP if step == "*" else int(step), int(rank) if rank else None,
                    float(options.get("sleep") or 0), int(options.get("times") or 0))
 
     def hit(self, point: str, step: int, rank: int) -> None:
-        if point == self.point and step == self.step and self.rank in (None, rank):
+        for other in self.more:
+            other.hit(point, step, rank)
+        if point == self.point and self.step in (ANY_STEP, step) and self.rank in (None, rank):
             if self.times and self.fired[0] >= self.times:
                 return
             self.fired[0] += 1

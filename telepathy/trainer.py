@@ -68,6 +68,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, float]:
         """Run optimizer step `step` (0-based), retried with a smaller micro-batch after an
         out-of-memory error. Returns (global mean loss, lr used)."""
+        self.faults.hit("step.start", step + 1, self.dist.rank)
         self.faults.hit("step.exception", step + 1, self.dist.rank)
         counters = (self.engine.micro_steps, self.engine.global_samples)
         while True:
@@ -157,6 +158,7 @@ class Trainer:
             self.event("checkpoint_skipped", step=step, reason=reason, free_bytes=free,
                        needed_bytes=needed)
             return False
+        self.event("checkpoint_started", step=step, reason=reason)
         stall = self.checkpoints.save(self.engine, step, self.state(step), wait=wait)
         self.last_save_time = time.time()
         self.saving[step] = reason

@@ -5,8 +5,8 @@
 
 from .manager import STATE, CheckpointManager, Found, rank_state_file, verify_collective
 from .manifest import (CHUNK_BYTES, FORMAT, HASH_THREADS, hash_file, list_files, read_manifest,
-                       tasks, verify)
+                       seal, tasks, verify)
 
 __all__ = ["CHUNK_BYTES", "FORMAT", "HASH_THREADS", "STATE", "CheckpointManager", "Found",
-           "hash_file", "list_files", "rank_state_file", "read_manifest", "tasks", "verify",
+           "hash_file", "list_files", "rank_state_file", "read_manifest", "seal", "tasks", "verify",
            "verify_collective"]

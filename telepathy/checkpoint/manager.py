@@ -36,7 +36,7 @@ from ..faults import FaultPlan
 from ..fsutil import fsync_dir, write_json_atomic
 from ..health import fits
 from ..paths import MANIFEST, RunPaths, checkpoint_name, checkpoint_step
-from .manifest import FORMAT, list_files, read_manifest, tasks, verify
+from .manifest import FORMAT, list_files, read_manifest, seal, tasks, verify
 from .writer import PinnedPool, Writer, make_checkpoint_engine
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class CheckpointManager:
                 manifest = {"format": FORMAT, "step": step, "world_size": self.dist.world_size,
                             "created": time.time(), "bytes": sum(e["size"] for e in files.values()),
                             "files": files}
-                write_json_atomic(ckpt / MANIFEST, manifest,
+                write_json_atomic(ckpt / MANIFEST, seal(manifest),
                                   before_replace=lambda: hit("save.manifest_tmp"))
                 fsync_dir(self.paths.checkpoints)
                 hit("save.done")
@@ -238,7 +238,9 @@ class CheckpointManager:
         for step, ckpt in self.candidates():
             manifest = read_manifest(ckpt)
             if manifest is None:
-                rejected.append({"checkpoint": ckpt.name, "problems": ["no manifest (incomplete)"]})
+                why = ("the manifest (MANIFEST.json) is damaged: bad JSON or its own checksum differs"
+                       if (ckpt / MANIFEST).exists() else "no manifest (incomplete)")
+                rejected.append({"checkpoint": ckpt.name, "problems": [why]})
                 continue
             problems = verify_collective(ckpt, manifest, self.dist)
             if problems:

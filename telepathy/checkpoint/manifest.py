@@ -7,6 +7,7 @@ Format 1 manifests (one SHA-256 per file) are still read and verified.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,14 +24,28 @@ HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
 _READ = 8 * 2**20
 
 
+def _canonical_sha256(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with a checksum of itself, so that any damaged byte in it is detected."""
+    return {**manifest, "manifest_sha256": _canonical_sha256(manifest)}
+
+
 def read_manifest(ckpt: Path) -> dict[str, Any] | None:
-    """The manifest of a checkpoint directory; None when missing, unreadable or not ours."""
+    """The manifest of a checkpoint directory; None when missing, unreadable, damaged (its own
+    checksum differs) or not ours."""
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS \
             or not isinstance(manifest.get("files"), dict):
+        return None
+    if manifest["format"] != FORMATS[0] and \
+            manifest.get("manifest_sha256") != _canonical_sha256(manifest):
         return None
     return manifest
 
@@ -55,13 +70,14 @@ class HashingFile:
     """
 
     def __init__(self, path: Path, pool: ThreadPoolExecutor, chunk_bytes: int = CHUNK_BYTES):
-        self._f: BinaryIO = open(path, "wb")
+        self._f: BinaryIO = open(path, "wb", buffering=0)  # errors (ENOSPC) surface here
         self._pool = pool
         self._chunk_bytes = chunk_bytes
         self._chunks: list[str] = []
         self._current = hashlib.sha256()
         self._in_chunk = 0
         self.size = 0
+        self.error: OSError | None = None
 
     def _hash(self, data: memoryview) -> None:
         while len(data):
@@ -77,11 +93,19 @@ class HashingFile:
         view = memoryview(data).cast("B")
         hashed: Future = self._pool.submit(self._hash, view)
         try:
-            written = self._f.write(view)
+            done = 0
+            while done < len(view):  # a raw write may be partial; a failed one raises OSError
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, f"write returned {n}", self._f.name)
+                done += n
+        except OSError as exc:
+            self.error = exc  # torch.save's C++ writer replaces it with "unexpected pos"
+            raise
         finally:
             hashed.result()
         self.size += len(view)
-        return written
+        return len(view)
 
     def flush(self) -> None:
         self._f.flush()

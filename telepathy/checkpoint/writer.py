@@ -82,8 +82,10 @@ class Writer:
         f = HashingFile(path, self._hash_pool)
         try:
             torch.save(state, f, _use_new_zipfile_serialization=self.zip)
-        except BaseException:
+        except BaseException as exc:
             f.abort()
+            if f.error is not None:
+                raise f.error from exc  # the real cause (e.g. no space left on device)
             raise
         return f.close()
 

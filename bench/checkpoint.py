@@ -1,0 +1,240 @@
+"""Checkpoint save and load against the disk itself, torch.save and DeepSpeed, as JSON + a table.
+
+    python -m bench.checkpoint [--smoke] [--model tiny|56M] [--world 1|2] [--dir D] [--out F]
+
+On the same model state (a ZeRO-3 engine after 2 training steps) and the same disk, side by side
+in one run (this machine is shared and noisy; each figure is the median of --repeats), per rank:
+- disk: write + fsync of the same number of bytes (the physical limit), then read it back;
+- torch.save of the engine's state (module + optimizer state dicts), with fsync;
+- DeepSpeed's own save_checkpoint / load_checkpoint (its default engine: no fsync, no hashes);
+- telepathy: synchronous save, asynchronous save (the stall the training loop sees, and the
+  total), and the verified load (verify every chunk, then load) against the unverified load.
+Without --world/--model it runs tiny and 56M at world sizes 1 and 2 (torchrun, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "tiny": [],
+    "56M": ["model.hidden_size=512", "model.intermediate_size=1376", "model.num_layers=8",
+            "model.num_heads=8", "model.num_kv_heads=4", "model.vocab_size=32000",
+            "model.max_seq_len=256", "data.seq_len=256", "data.synthetic_tokens=200000"],
+}
+BLOCK = 64 * 2**20
+
+
+def disk_write_read(path: Path, nbytes: int) -> tuple[float, float]:
+    """Seconds to write + fsync `nbytes` (incompressible data), then to read them back."""
+    block = os.urandom(min(BLOCK, max(nbytes, 1)))
+    started = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(memoryview(block)[:min(left, len(block))])
+        os.fsync(f.fileno())
+    written = time.perf_counter() - started
+    started = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(BLOCK):
+            pass
+    read = time.perf_counter() - started
+    path.unlink()
+    return written, read
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: build the engine, train 2 steps, then time every way of saving and loading."""
+    import torch
+    import torch.nn.functional as F
+
+    from telepathy.checkpoint import CheckpointManager
+    from telepathy.config import load_config
+    from telepathy.envinfo import DistEnv
+    from telepathy.engine import build_engine
+    from telepathy.paths import RunPaths
+    from telepathy.placement import choose_layout
+    from telepathy.resume import _init_process_group
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    env = DistEnv.from_mapping(os.environ)
+    cfg = load_config(str(ROOT / "configs/tiny-cpu.yaml"), MODELS[args.model])
+    layout = choose_layout(cfg.train.global_batch, env.world_size, [8, 4, 2, 1])
+    dist = _init_process_group(env, cuda)
+    engine = build_engine(cfg, layout, cuda)
+    for _ in range(2):
+        for _ in range(layout.accum):
+            ids = torch.randint(0, cfg.model.vocab_size, (layout.micro_batch, cfg.data.seq_len + 1),
+                                device=dist.device)
+            logits = engine(input_ids=ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+            engine.backward(loss)
+            engine.step()
+    ds_engine = engine.checkpoint_engine  # DeepSpeed's default (torch.save, no fsync)
+    root = Path(dist.broadcast_object(args.dir if dist.is_main else None))
+    paths = RunPaths.at(root / "run")
+    sync = CheckpointManager(paths, dist, keep=2, async_save=False)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> Any:
+        dist.barrier()
+        started = time.perf_counter()
+        out = fn()
+        dist.barrier()
+        times.setdefault(name, []).append(time.perf_counter() - started)
+        return out
+
+    step = 0
+    for _ in range(args.repeats):
+        step += 1
+        sync.attach(engine)
+        timed("telepathy_sync_save_s", lambda: sync.save(engine, step, {"step": step}))
+        manifest = json.loads((paths.checkpoint(step) / "MANIFEST.json").read_text())
+        total = manifest["bytes"]
+        mine = total // dist.world_size
+        step += 1
+        stall = {}
+        async_manager = CheckpointManager(paths, dist, keep=2, async_save=True)
+        async_manager.attach(engine)
+
+        def async_save() -> None:
+            stall["s"] = async_manager.save(engine, step, {"step": step})
+            async_manager.wait()
+        timed("telepathy_async_total_s", async_save)
+        stall_max = dist.all_gather_object(stall["s"])
+        times.setdefault("telepathy_async_stall_s", []).append(max(stall_max))
+
+        found = timed("telepathy_verify_s", lambda: sync.newest_valid()[0])
+        timed("telepathy_load_s", lambda: engine.load_checkpoint(
+            str(found.path.parent), tag=found.path.name, load_optimizer_states=True,
+            load_lr_scheduler_states=True))
+
+        engine.checkpoint_engine = ds_engine
+        timed("deepspeed_save_s", lambda: engine.save_checkpoint(str(root / "ds"), tag=f"t{step}",
+                                                                 save_latest=False))
+        timed("deepspeed_load_s", lambda: engine.load_checkpoint(
+            str(root / "ds"), tag=f"t{step}", load_optimizer_states=True,
+            load_lr_scheduler_states=True))
+        if dist.is_main:
+            shutil.rmtree(root / "ds", ignore_errors=True)
+
+        def torch_save() -> None:
+            state = {"module": engine.module_state_dict(), "optimizer": engine.optimizer.state_dict()}
+            with open(root / f"torch_{dist.rank}.pt", "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        timed("torch_save_s", torch_save)
+        (root / f"torch_{dist.rank}.pt").unlink()
+
+        rw = {}
+
+        def disk() -> None:
+            rw["w"], rw["r"] = disk_write_read(root / f"disk_{dist.rank}.bin", mine)
+        timed("disk_write_fsync_plus_read_s", disk)
+        w, r = zip(*dist.all_gather_object((rw["w"], rw["r"])))
+        times.setdefault("disk_write_fsync_s", []).append(max(w))
+        times.setdefault("disk_read_s", []).append(max(r))
+    if dist.is_main:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result = {"model": args.model, "world_size": dist.world_size, "bytes": total,
+                  "parameters": sum(getattr(p, "ds_numel", p.numel())
+                                    for p in engine.module.parameters()),
+                  "repeats": args.repeats, "seconds": {k: round(v, 4) for k, v in med.items()}}
+        gbps = lambda s: round(total / 1e9 / s, 3) if s > 0 else None  # noqa: E731
+        result["GB_per_s"] = {k: gbps(med[k]) for k in (
+            "disk_write_fsync_s", "disk_read_s", "torch_save_s", "deepspeed_save_s",
+            "telepathy_sync_save_s", "telepathy_async_total_s")}
+        result["ratios"] = {
+            "telepathy_save_vs_disk_limit": round(med["disk_write_fsync_s"]
+                                                  / med["telepathy_sync_save_s"], 3),
+            "async_stall_vs_sync_save": round(med["telepathy_async_stall_s"]
+                                              / med["telepathy_sync_save_s"], 3),
+            "verified_vs_unverified_load": round((med["telepathy_verify_s"] + med["telepathy_load_s"])
+                                                 / med["deepspeed_load_s"], 3),
+            "telepathy_sync_save_vs_deepspeed_save": round(med["telepathy_sync_save_s"]
+                                                           / med["deepspeed_save_s"], 3),
+            "telepathy_sync_save_vs_torch_save": round(med["telepathy_sync_save_s"]
+                                                       / med["torch_save_s"], 3),
+        }
+        Path(args.result).write_text(json.dumps(result))
+    import torch.distributed
+    torch.distributed.destroy_process_group()
+
+
+def run_case(model: str, world: int, repeats: int, base: Path) -> dict[str, Any]:
+    from telepathy import proc
+
+    work = Path(tempfile.mkdtemp(prefix=f"ckpt-{model}-w{world}-", dir=base))
+    result = work / "result.json"
+    cmd = ["-m", "bench.checkpoint", "--worker", "--model", model, "--repeats", str(repeats),
+           "--dir", str(work), "--result", str(result)]
+    if world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={world}", *cmd]
+    else:
+        cmd = [sys.executable, *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    try:
+        proc.run(cmd, timeout=3600, env=env, cwd=ROOT)
+        return json.loads(result.read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny model, world 1, one repeat")
+    p.add_argument("--model", choices=list(MODELS))
+    p.add_argument("--world", type=int, choices=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where to write (the disk)")
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    base = Path(args.dir)
+    base.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        cases, repeats = [("tiny", 1)], 1
+    else:
+        models = [args.model] if args.model else list(MODELS)
+        worlds = [args.world] if args.world else [1, 2]
+        cases, repeats = [(m, w) for m in models for w in worlds], args.repeats
+    results = [run_case(m, w, repeats, base) for m, w in cases]
+    report = {"disk": str(base), "results": results}
+    print(json.dumps(report, indent=1))
+    for r in results:
+        s, g, q = r["seconds"], r["GB_per_s"], r["ratios"]
+        print(f"{r['model']:>5} world {r['world_size']}: {r['bytes'] / 1e6:8.1f} MB | disk "
+              f"{s['disk_write_fsync_s']:.3f} s ({g['disk_write_fsync_s']} GB/s) | torch.save "
+              f"{s['torch_save_s']:.3f} | DeepSpeed {s['deepspeed_save_s']:.3f} | telepathy sync "
+              f"{s['telepathy_sync_save_s']:.3f}, async stall {s['telepathy_async_stall_s']:.3f} "
+              f"total {s['telepathy_async_total_s']:.3f} | load: DeepSpeed "
+              f"{s['deepspeed_load_s']:.3f}, verify {s['telepathy_verify_s']:.3f} + load "
+              f"{s['telepathy_load_s']:.3f} | ratios {q}", file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

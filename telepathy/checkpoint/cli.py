@@ -1,0 +1,167 @@
+"""`python -m telepathy.checkpoint`: inspect, verify and prune a run's checkpoints.
+
+    python -m telepathy.checkpoint list   RUN_DIR          # fast: manifests only, no hashing
+    python -m telepathy.checkpoint verify RUN_DIR          # every file against its manifest
+    python -m telepathy.checkpoint prune  RUN_DIR --keep K # keep the newest K complete ones
+
+Table: step, status (valid, corrupt, incomplete; `list` says complete), size, files, world
+size, age. `--json` prints the rows. Exit status: 0 the newest checkpoint is valid (complete,
+for list), 1 it is not, 2 no checkpoint or bad input. `prune` refuses while a live job holds the
+run (its saves would race the deletion) unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import RunLocked
+from ..paths import MANIFEST, RunPaths, checkpoint_step
+from .manifest import read_manifest, tasks, verify
+
+OK, NOT_VALID, BAD_INPUT = 0, 1, 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m telepathy.checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["list", "verify", "prune"])
+    p.add_argument("run_dir", help="a run directory (or its checkpoints/ directory)")
+    p.add_argument("--keep", type=int, help="prune: complete checkpoints to keep (>= 1)")
+    p.add_argument("--force", action="store_true", help="prune even while a job holds the run")
+    p.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def run_paths(arg: str) -> RunPaths:
+    path = Path(arg)
+    if path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        path = path.parent
+    return RunPaths.at(path)
+
+
+def describe(ckpt: Path, check: bool, now: float) -> dict[str, Any]:
+    """One row: status and facts of a checkpoint directory (hashing every file when `check`)."""
+    manifest = read_manifest(ckpt)
+    row: dict[str, Any] = {"checkpoint": ckpt.name, "step": checkpoint_step(ckpt.name),
+                           "path": str(ckpt)}
+    if manifest is None:
+        size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+        why = "MANIFEST.json damaged" if (ckpt / MANIFEST).exists() else "no manifest"
+        return {**row, "status": "corrupt" if (ckpt / MANIFEST).exists() else "incomplete",
+                "bytes": size, "files": None, "world_size": None,
+                "age_s": now - ckpt.stat().st_mtime, "problems": [why]}
+    row.update(bytes=manifest.get("bytes"), files=len(manifest["files"]),
+               world_size=manifest.get("world_size"), age_s=now - manifest.get("created", now))
+    if not check:
+        return {**row, "status": "complete", "problems": []}
+    started = time.perf_counter()
+    problems = verify(ckpt, manifest, tasks(ckpt, manifest))
+    return {**row, "status": "corrupt" if problems else "valid", "problems": problems,
+            "verify_s": round(time.perf_counter() - started, 3)}
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _age(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def table(rows: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("step", "status", "size", "files", "world", "age"):
+        t.add_column(col, justify="right")
+    colour = {"valid": "green", "complete": "green", "corrupt": "red", "incomplete": "yellow"}
+    for r in rows:
+        t.add_row(str(r["step"]), f"[{colour[r['status']]}]{r['status']}[/]", _size(r["bytes"]),
+                  str(r["files"] or "-"), str(r["world_size"] or "-"), _age(r["age_s"]))
+    return t
+
+
+def prune(paths: RunPaths, keep: int, force: bool) -> list[str]:
+    """Keep the newest `keep` checkpoints that verify; delete the complete ones older than
+    those, and incomplete leftovers older than the newest complete one, each manifest first (as
+    the trainer prunes). Corrupt checkpoints newer than the kept ones are left for inspection."""
+    from ..runlock import RunLock
+
+    lock = RunLock(paths.lock, None)
+    try:
+        lock.acquire()
+    except RunLocked as exc:
+        if not force:
+            raise
+        print(f"warning: {exc}; pruning anyway (--force)", file=sys.stderr)
+        lock = None
+    try:
+        complete = sorted((checkpoint_step(p.name), p) for p in paths.checkpoints.iterdir()
+                          if checkpoint_step(p.name) is not None and read_manifest(p) is not None)
+        partial = [p for p in paths.checkpoints.iterdir() if checkpoint_step(p.name) is not None
+                   and read_manifest(p) is None]
+        newest = complete[-1][0] if complete else -1
+        valid: list[int] = []
+        for step, ckpt in reversed(complete):
+            if len(valid) == keep:
+                break
+            manifest = read_manifest(ckpt)
+            if not verify(ckpt, manifest, tasks(ckpt, manifest)):
+                valid.append(step)
+        if len(valid) < keep:
+            return []  # fewer valid checkpoints than asked to keep: delete nothing
+        doomed = [p for s, p in complete if s < valid[-1]] + \
+                 [p for p in partial if checkpoint_step(p.name) < newest]
+        for ckpt in doomed:
+            (ckpt / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(ckpt)
+        return sorted(p.name for p in doomed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = run_paths(args.run_dir)
+    console = Console()
+    if not paths.checkpoints.is_dir():
+        print(f"error: {paths.checkpoints} does not exist; give a run directory "
+              "(the --run-dir of telepathy.resume)", file=sys.stderr)
+        return BAD_INPUT
+    if args.command == "prune":
+        if args.keep is None or args.keep < 1:
+            print(f"error: --keep={args.keep}: give the number of complete checkpoints to keep "
+                  "(at least 1)", file=sys.stderr)
+            return BAD_INPUT
+        try:
+            removed = prune(paths, args.keep, args.force)
+        except RunLocked as exc:
+            print(f"error: {exc}; or pass --force", file=sys.stderr)
+            return BAD_INPUT
+        print(json.dumps({"removed": removed}) if args.json else
+              f"removed {len(removed)} checkpoint(s): {', '.join(removed) or '-'}")
+        return OK
+    now = time.time()
+    dirs = sorted((p for p in paths.checkpoints.iterdir()
+                   if p.is_dir() and checkpoint_step(p.name) is not None), reverse=True)
+    rows = [describe(p, args.command == "verify", now) for p in dirs]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        console.print(table(rows, f"{paths.checkpoints} ({args.command})"))
+        for r in rows:
+            for problem in r["problems"]:
+                console.print(f"{r['checkpoint']}: {problem}", markup=False)
+    if not rows:
+        return BAD_INPUT
+    return OK if rows[0]["status"] in ("valid", "complete") else NOT_VALID
