@@ -13,3 +13,4 @@ test: setup
 bench-smoke: setup
 	.venv/bin/python -m bench.monitor_overhead --smoke
 	.venv/bin/python -m bench.memory_model --smoke
+	.venv/bin/python -m bench.checkpoint --smoke

@@ -6,7 +6,8 @@ On the same model state (a ZeRO-3 engine after 2 training steps) and the same di
 in one run (this machine is shared and noisy; each figure is the median of --repeats), per rank:
 - disk: write + fsync of the same number of bytes (the physical limit), then read it back;
 - torch.save of the engine's state (module + optimizer state dicts), with fsync;
-- DeepSpeed's own save_checkpoint / load_checkpoint (its default engine: no fsync, no hashes);
+- DeepSpeed's own save_checkpoint / load_checkpoint (its default engine: no fsync, no hashes),
+  and the fsync of its files afterwards (the cost of making it as durable);
 - telepathy: synchronous save, asynchronous save (the stall the training loop sees, and the
   total), and the verified load (verify every chunk, then load) against the unverified load.
 Without --world/--model it runs tiny and 56M at world sizes 1 and 2 (torchrun, gloo on CPU).
@@ -97,9 +98,14 @@ def worker(args: argparse.Namespace) -> None:
         times.setdefault(name, []).append(time.perf_counter() - started)
         return out
 
+    from torch.utils.serialization import config as serialization
+
+    async_manager = CheckpointManager(paths, dist, keep=2, async_save=True)
+    async_manager.attach(engine)  # one manager for the run: its host buffers are reused
     step = 0
     for _ in range(args.repeats):
         step += 1
+        serialization.save.compute_crc32 = False  # telepathy's writer setting
         sync.attach(engine)
         timed("telepathy_sync_save_s", lambda: sync.save(engine, step, {"step": step}))
         manifest = json.loads((paths.checkpoint(step) / "MANIFEST.json").read_text())
@@ -107,7 +113,6 @@ def worker(args: argparse.Namespace) -> None:
         mine = total // dist.world_size
         step += 1
         stall = {}
-        async_manager = CheckpointManager(paths, dist, keep=2, async_save=True)
         async_manager.attach(engine)
 
         def async_save() -> None:
@@ -123,8 +128,16 @@ def worker(args: argparse.Namespace) -> None:
             load_lr_scheduler_states=True))
 
         engine.checkpoint_engine = ds_engine
+        serialization.save.compute_crc32 = True  # torch's default, for DeepSpeed and torch.save
         timed("deepspeed_save_s", lambda: engine.save_checkpoint(str(root / "ds"), tag=f"t{step}",
                                                                  save_latest=False))
+
+        def fsync_tree() -> None:  # what DeepSpeed's save leaves undone: making it durable
+            for f in (root / "ds" / f"t{step}").rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+        timed("deepspeed_fsync_after_save_s", fsync_tree)
         timed("deepspeed_load_s", lambda: engine.load_checkpoint(
             str(root / "ds"), tag=f"t{step}", load_optimizer_states=True,
             load_lr_scheduler_states=True))
@@ -167,6 +180,11 @@ def worker(args: argparse.Namespace) -> None:
                                                  / med["deepspeed_load_s"], 3),
             "telepathy_sync_save_vs_deepspeed_save": round(med["telepathy_sync_save_s"]
                                                            / med["deepspeed_save_s"], 3),
+            "telepathy_sync_save_vs_deepspeed_save_plus_fsync": round(
+                med["telepathy_sync_save_s"] / (med["deepspeed_save_s"]
+                                                + med["deepspeed_fsync_after_save_s"]), 3),
+            "async_stall_vs_deepspeed_save": round(med["telepathy_async_stall_s"]
+                                                   / med["deepspeed_save_s"], 3),
             "telepathy_sync_save_vs_torch_save": round(med["telepathy_sync_save_s"]
                                                        / med["torch_save_s"], 3),
         }

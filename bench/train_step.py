@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_loss": metrics[-1]["loss"] if metrics else None,
         "saves": [{"step": e["step"], "bytes": e["bytes"], "seconds": e["seconds"],
                    "GB_per_s": round(e["bytes"] / 1e9 / e["seconds"], 3),
-                   **{k: e[k] for k in ("engine_s", "fsync_hash_s", "manifest_prune_s") if k in e}}
+                   **{k: e[k] for k in ("reason", "stall_s", "write_s", "persist_s") if k in e}}
                   for e in saves],
         "resumes": [{k: e.get(k) for k in ("step", "verify_s", "load_s")}
                     for e in events if e.get("event") == "resume"],

@@ -75,7 +75,7 @@ class CheckpointManager:
         """Expected size of a checkpoint before the first one exists."""
         self.async_save = async_save
         self.writer: Writer | None = None
-        self._pinned = PinnedPool() if dist.device.type == "cuda" else None
+        self._pinned = PinnedPool()
         self._saving: Path | None = None
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] | None = None
@@ -89,7 +89,8 @@ class CheckpointManager:
     def attach(self, engine: Any) -> None:
         """Make DeepSpeed save through telepathy's snapshotting checkpoint engine."""
         zipped = bool(engine._config.checkpoint_config.get("checkpoint_serialization", True))
-        self.writer = Writer(serialization_zip=zipped)
+        if self.writer is None:
+            self.writer = Writer(serialization_zip=zipped)
         engine.checkpoint_engine = make_checkpoint_engine(self.writer, lambda: self._saving,
                                                           self._pinned)
 

@@ -20,6 +20,8 @@ from ..paths import MANIFEST
 FORMAT = "telepathy-checkpoint/2"
 FORMATS = ("telepathy-checkpoint/1", FORMAT)
 CHUNK_BYTES = 64 * 2**20
+SYNC_BYTES = 64 * 2**20
+"""Written bytes after which a background fdatasync starts (overlapping writeback)."""
 HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
 _READ = 8 * 2**20
 
@@ -69,9 +71,13 @@ class HashingFile:
     manifest entry.
     """
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, chunk_bytes: int = CHUNK_BYTES,
+                 sync_pool: ThreadPoolExecutor | None = None):
         self._f: BinaryIO = open(path, "wb", buffering=0)  # errors (ENOSPC) surface here
         self._pool = pool
+        self._sync_pool = sync_pool
+        self._syncing: Future | None = None
+        self._unsynced = 0
         self._chunk_bytes = chunk_bytes
         self._chunks: list[str] = []
         self._current = hashlib.sha256()
@@ -105,6 +111,12 @@ class HashingFile:
         finally:
             hashed.result()
         self.size += len(view)
+        self._unsynced += len(view)
+        if self._sync_pool is not None and self._unsynced >= SYNC_BYTES and \
+                (self._syncing is None or self._syncing.done()):
+            # Start writing back to disk while serialisation goes on; close() waits for it.
+            self._syncing = self._sync_pool.submit(os.fdatasync, self._f.fileno())
+            self._unsynced = 0
         return len(view)
 
     def flush(self) -> None:
@@ -113,6 +125,8 @@ class HashingFile:
     def close(self) -> dict[str, Any]:
         """Flush, fsync, close; the manifest entry of what was written."""
         self._f.flush()
+        if self._syncing is not None:
+            self._syncing.result()
         os.fsync(self._f.fileno())
         self._f.close()
         if self._in_chunk or not self._chunks:
@@ -121,6 +135,8 @@ class HashingFile:
                 "digest": digest_of(self._chunks)}
 
     def abort(self) -> None:
+        if self._syncing is not None:
+            self._syncing.exception()
         self._f.close()
 
 

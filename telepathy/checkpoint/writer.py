@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from .manifest import HashingFile, write_hashed
 
@@ -27,7 +28,10 @@ WRITE_THREADS = 4
 
 
 class PinnedPool:
-    """Host buffers for device-to-host copies, kept from one save to the next (by slot)."""
+    """Host buffers for snapshots, kept from one save to the next (by slot): copying into memory
+    already mapped is several times faster than into fresh memory (measured: 0.08 s against
+    0.55 s for 670 MB on this machine). On CUDA they are pinned, for asynchronous copies.
+    The price: host memory for one copy of this rank's checkpoint, held between saves."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -49,10 +53,10 @@ def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = ()) -> Any:
     """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if t.device.type == "cpu":
-            return t.clone()
-        buf = pool.take(slot, t) if pool is not None else torch.empty_like(t, device="cpu")
-        buf.copy_(t, non_blocking=True)
+        if pool is None:
+            return t.to("cpu", copy=True)
+        buf = pool.take(slot, t)
+        buf.copy_(t, non_blocking=t.device.type != "cpu")
         return buf
     if isinstance(obj, dict):
         items = [(k, snapshot(v, pool, (*slot, k))) for k, v in obj.items()]
@@ -74,12 +78,17 @@ class Writer:
     def __init__(self, threads: int = WRITE_THREADS, serialization_zip: bool = False):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-write")
         self._hash_pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash")
+        self._sync_pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-sync")
         self.zip = serialization_zip
+        # The zip format's CRC-32 of every record is redundant with the manifest's SHA-256
+        # chunks, verified before any load; without it torch.save runs ~1.4x faster (measured
+        # here: 0.89 s against 1.25 s for 670 MB). Process-wide: telepathy's saves all come here.
+        serialization_config.save.compute_crc32 = False
         self.jobs: list[tuple[str, Future]] = []
         self.lock = threading.Lock()
 
     def _torch_save(self, state: Any, path: Path) -> dict[str, Any]:
-        f = HashingFile(path, self._hash_pool)
+        f = HashingFile(path, self._hash_pool, sync_pool=self._sync_pool)
         try:
             torch.save(state, f, _use_new_zipfile_serialization=self.zip)
         except BaseException as exc:
@@ -105,6 +114,7 @@ class Writer:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
+        self._sync_pool.shutdown(wait=True)
 
 
 def _deepspeed_base():
