@@ -188,13 +188,13 @@ class Trainer:
     def warn_if_save_may_not_fit(self, step: int) -> None:
         """On a signal: say loudly when the last save took longer than the time left."""
         left = self.time_left() if self.dist.is_main else None
-        expected = self.checkpoints.last_seconds
+        expected = self.checkpoints.expected_seconds
         if left is None or expected is None or expected < left:
             return
-        log.warning("the final save may not finish: the last save took %.0f s and SLURM ends this "
-                    "job in %.0f s. If it is cut off, the previous checkpoint stays valid and the "
-                    "steps since it are trained again. Give the job more warning "
-                    "(--signal=TERM@N, GraceTime) or save more often", expected, left)
+        log.warning("the final save may not finish: recent saves took up to %.0f s and SLURM "
+                    "ends this job in %.0f s. If it is cut off, the previous checkpoint stays "
+                    "valid and the steps since it are trained again. Give the job more warning "
+                    "(--signal=TERM@N, GraceTime)", expected, left)
         self.event("save_deadline_risk", step=step, expected_save_s=expected, time_left_s=left)
 
     def finish_in_flight(self, last_saved: int) -> int:

@@ -66,3 +66,23 @@ def test_plan_submits_one_gpu_now_over_four_later_and_the_run_resumes_on_it(
     assert_close_losses(helpers.losses(first.run_dir), reference(2), exact_until=stopped)
     rows = helpers.metrics(first.run_dir)
     assert {r["world_size"] for r in rows if r["step"] > stopped} == {1}
+
+
+def test_a_save_longer_than_the_grace_time_is_announced_loudly(cluster, tmp_path):
+    """The checkpoint of step 20 is held 35 s in the background; then a high-priority job
+    preempts the run, which gets GraceTime (30 s): the log says the save may not finish."""
+    job = Job(cluster, tmp_path, gpus=1, sets=["train.steps=400"],
+              env={"TELEPATHY_FAULT": "save.file_written@20,sleep=35"})
+    deadline = time.monotonic() + 240
+    while not [e for e in helpers.events(job.run_dir, "checkpoint_saved") if e["step"] == 20]:
+        assert time.monotonic() < deadline, job.logs()
+        time.sleep(0.5)
+    high = slurmctl.sbatch(None, ["-p", "high", "--gpus-per-node=h100:4",
+                                  f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
+                           env=cluster.env(), cwd=str(tmp_path))
+    assert job.wait_end() == ("COMPLETED", 1), job.logs()
+    assert slurmctl.job_state(high, env=cluster.env())[0] == "COMPLETED"
+    risk, = helpers.events(job.run_dir, "save_deadline_risk")
+    assert risk["expected_save_s"] >= 35 and risk["time_left_s"] <= cluster.grace_s
+    assert "the final save may not finish: recent saves took up to" in job.logs()
+    assert sorted(helpers.losses(job.run_dir)) == list(range(1, 401))

@@ -80,8 +80,8 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] | None = None
         self._unreported: list[dict[str, Any]] = []
-        self.last_seconds: float | None = None
-        """Total seconds (snapshot to manifest) of the last save that completed."""
+        self.recent_seconds: list[float] = []
+        """Total seconds (snapshot to manifest) of the last saves that completed."""
         # Background threads exchange file lists on their own group, never on training's.
         self._group = torch.distributed.new_group(backend="gloo") \
             if torch.distributed.is_initialized() else None
@@ -206,7 +206,7 @@ class CheckpointManager:
         result, self._result = self._result, None
         if result is not None:
             if "error" not in result:
-                self.last_seconds = result["seconds"]
+                self.recent_seconds = [*self.recent_seconds[-2:], result["seconds"]]
             self._unreported.append(result)
         return result
 
@@ -216,6 +216,11 @@ class CheckpointManager:
             self.wait()
         out, self._unreported = self._unreported, []
         return out
+
+    @property
+    def expected_seconds(self) -> float | None:
+        """What the next save may take: the longest of the last three (None before any)."""
+        return max(self.recent_seconds) if self.recent_seconds else None
 
     @property
     def in_flight(self) -> bool:
