@@ -127,21 +127,30 @@ def test_universal_copies_are_cached_verified_and_rebuilt(preempted_run, copy_of
     assert list(paths.universal_root.iterdir()) == []
 
 
-def test_out_of_memory_shrinks_the_micro_batch_and_keeps_the_losses(tmp_path, reference):
-    """An OOM raised inside step 30 (after a forward pass): retried at micro 4 x accum 2."""
+# (allowed micro sizes, layout before, layout after). With accumulation 2 the error comes after
+# the first micro-batch's backward pass: its gradient must be dropped, not counted twice.
+@pytest.mark.parametrize("micros, before, after", [
+    ("[8, 4, 2, 1]", (8, 1), (4, 2)),
+    ("[4, 2, 1]", (4, 2), (2, 4)),
+])
+def test_out_of_memory_shrinks_the_micro_batch_and_keeps_the_losses(tmp_path, reference, micros,
+                                                                      before, after):
+    """An OOM raised inside step 30, after a forward pass: the step is retried, smaller."""
     ref = reference(1)
     run_dir = tmp_path / "run"
-    assert helpers.run(run_dir, env={"TELEPATHY_FAULT": "step.oom@30,times=1"}) == 0, \
+    assert helpers.run(run_dir, sets=[f"placement.micro_batch_sizes={micros}"],
+                       env={"TELEPATHY_FAULT": "step.oom@30,times=1"}) == 0, \
         helpers.log_text(run_dir)
     recovered, = helpers.events(run_dir, "oom_recovered")
-    assert (recovered["step"], recovered["previous_micro_batch"], recovered["micro_batch"],
-            recovered["accum"]) == (30, 8, 4, 2)
+    assert (recovered["step"], recovered["previous_micro_batch"], recovered["previous_accum"],
+            recovered["micro_batch"], recovered["accum"]) == (30, *before, *after)
     rows = {r["step"]: r for r in helpers.metrics(run_dir)}
-    assert {rows[s]["micro_batch"] for s in rows if s < 30} == {8}
-    assert {(rows[s]["micro_batch"], rows[s]["accum"]) for s in rows if s >= 30} == {(4, 2)}
-    assert_close_losses(helpers.losses(run_dir), ref, exact_until=29)
-    assert "out of memory at step 30: retrying with micro-batch 4 x accum 2" in \
-        helpers.log_text(run_dir)
+    assert {(rows[s]["micro_batch"], rows[s]["accum"]) for s in rows if s < 30} == {before}
+    assert {(rows[s]["micro_batch"], rows[s]["accum"]) for s in rows if s >= 30} == {after}
+    # Bit for bit before the error where the layout is the reference's (micro 8).
+    assert_close_losses(helpers.losses(run_dir), ref, exact_until=29 if before == (8, 1) else 0)
+    assert f"out of memory at step 30: retrying with micro-batch {after[0]} x accum {after[1]}" \
+        in helpers.log_text(run_dir)
 
 
 def test_out_of_memory_retries_are_bounded(tmp_path):
