@@ -76,12 +76,13 @@ def options(cfg: Config, run_dir: Path | None, gpu_mem_gib: float) -> list[Optio
     measured = measured_step_times(read_jsonl(RunPaths.at(run_dir).metrics)) if run_dir else {}
     out = []
     for gpus in range(1, MAX_GPUS + 1):
+        req = request_for(cfg, gpus, gpu_mem_gib)
         try:
-            p = plan(request_for(cfg, gpus, gpu_mem_gib))
+            p = plan(req)
         except PlanError as exc:
             out.append(Option(gpus, None, str(exc)))
             continue
-        seconds, source = step_time(gpus, request_for(cfg, gpus, gpu_mem_gib).shape,
+        seconds, source = step_time(gpus, req.shape,
                                     p.global_batch * cfg.data.seq_len, measured,
                                     cfg.placement.gpu_tflops, cfg.placement.mfu,
                                     cfg.placement.scaling)

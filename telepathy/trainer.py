@@ -57,7 +57,6 @@ class Trainer:
         self.oom_recoveries = 0
         self.time_left = time_left
         """Seconds until SLURM ends this job, or None (asked on rank 0 on a signal)."""
-        self.saving: dict[int, str] = {}
 
     def event(self, name: str, **fields: Any) -> None:
         self.events.write({"event": name, "time": time.time(), "restart": self.info.restart,
@@ -159,30 +158,28 @@ class Trainer:
                        needed_bytes=needed)
             return False
         self.event("checkpoint_started", step=step, reason=reason)
-        stall = self.checkpoints.save(self.engine, step, self.state(step), wait=wait)
+        stall = self.checkpoints.save(self.engine, step, self.state(step), reason, wait=wait)
         self.last_save_time = time.time()
-        self.saving[step] = reason
         log.info("checkpoint step %d (%s): training blocked %.2f s for the snapshot%s", step,
                  reason, stall, "" if wait else "; writing in the background")
         statedump.after_save(self.engine, self.dist, step)
         return True
 
-    def report_saves(self) -> int | None:
-        """Log the saves that finished; returns the step of a failed one, if any."""
-        failed = None
+    def report_saves(self) -> bool:
+        """Log the saves that finished; whether one of them failed."""
+        failed = False
         for result in self.checkpoints.completed():
-            reason = self.saving.pop(result["step"], "?")
             if "error" in result:
-                failed = result["step"]
+                failed = True
                 log.error("checkpoint step %d (%s) FAILED: %s. Its directory was removed; the "
-                          "previous checkpoint stays the newest", result["step"], reason,
-                          result["error"])
-                self.event("checkpoint_failed", reason=reason, **result)
+                          "previous checkpoint stays the newest", result["step"],
+                          result["reason"], result["error"])
+                self.event("checkpoint_failed", **result)
                 continue
             log.info("saved checkpoint step %d (%s): %.1f MB in %.2f s (stall %.2f s)",
-                     result["step"], reason, result["bytes"] / 1e6, result["seconds"],
+                     result["step"], result["reason"], result["bytes"] / 1e6, result["seconds"],
                      result["stall_s"])
-            self.event("checkpoint_saved", reason=reason, **result)
+            self.event("checkpoint_saved", **result)
         return failed
 
     def warn_if_save_may_not_fit(self, step: int) -> None:
@@ -201,7 +198,7 @@ class Trainer:
         """Collective: wait for the save in flight; the step of the newest complete checkpoint
         if a save failed on any rank, else `last_saved`."""
         self.checkpoints.wait()
-        failed, = self.dist.any([self.report_saves() is not None])
+        failed, = self.dist.any([self.report_saves()])
         return min(last_saved, self.last_complete()) if failed else last_saved
 
     def last_complete(self) -> int:
@@ -226,8 +223,8 @@ class Trainer:
         tokens_per_step = self.layout.global_batch * self.cfg.data.seq_len
         while True:
             time_due = every_s > 0 and time.time() - self.last_save_time >= every_s
-            failed = self.report_saves() is not None
-            preempt, time_due, failed = self.dist.any([self.flag.is_set, time_due, failed])
+            preempt, time_due, failed = self.dist.any([self.flag.is_set, time_due,
+                                                        self.report_saves()])
             if failed:
                 last_saved = min(last_saved, self.last_complete())
             if preempt:

@@ -6,7 +6,7 @@ import pytest
 from telepathy.config import TrainConfig
 from telepathy.data import TokenStream, generate_corpus, rank_slice
 from telepathy.envinfo import DistEnv, SlurmEnv, first_host
-from telepathy.errors import ConfigError, DataError
+from telepathy.errors import DataError
 from telepathy.paths import checkpoint_name, checkpoint_step
 from telepathy.placement import choose_layout
 from telepathy.schedule import lr_factor

@@ -1,6 +1,5 @@
 """Acceptance of the training core: real DeepSpeed ZeRO-3 processes, real signals, real files."""
 
-import json
 import signal
 
 import pytest

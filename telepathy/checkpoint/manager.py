@@ -36,7 +36,7 @@ from ..faults import FaultPlan
 from ..fsutil import fsync_dir, write_json_atomic
 from ..health import fits
 from ..paths import MANIFEST, RunPaths, checkpoint_name, checkpoint_step
-from .manifest import FORMAT, list_files, read_manifest, seal, tasks, verify
+from .manifest import FORMAT, read_manifest, seal, tasks, verify
 from .writer import PinnedPool, Writer, make_checkpoint_engine
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,11 @@ class CheckpointManager:
         return self.dist.broadcast_object(verdict)
 
     # -- save ------------------------------------------------------------------------------
-    def save(self, engine: Any, step: int, state: dict[str, Any], wait: bool = False) -> float:
+    def save(self, engine: Any, step: int, state: dict[str, Any], reason: str = "",
+             wait: bool = False) -> float:
         """Collective: snapshot `step` and persist it in the background (or now, with `wait` or
-        checkpoint.async_save off). Returns the seconds training was blocked (the stall)."""
+        checkpoint.async_save off). Returns the seconds training was blocked (the stall); the
+        result, with `reason`, comes from `wait()` or `completed()`."""
         self.wait()
         if self.writer is None:
             self.attach(engine)
@@ -140,13 +142,14 @@ class CheckpointManager:
         hit("save.engine_done")
         jobs = self.writer.take_jobs()
         self._thread = threading.Thread(target=self._persist, name=f"ckpt-{step}", daemon=True,
-                                        args=(step, ckpt, jobs, started, stall))
+                                        args=(step, reason, ckpt, jobs, started, stall))
         self._thread.start()
         if wait or not self.async_save:
             self.wait()
         return stall
 
-    def _persist(self, step: int, ckpt: Path, jobs: list, started: float, stall: float) -> None:
+    def _persist(self, step: int, reason: str, ckpt: Path, jobs: list, started: float,
+                 stall: float) -> None:
         """Background, every rank: finish this rank's files, agree, and (rank 0) commit."""
         hit = lambda point: self.faults.hit(point, step, self.dist.rank)  # noqa: E731
         entries: dict[str, Any] = {}
@@ -166,7 +169,8 @@ class CheckpointManager:
             torch.distributed.all_gather_object(parts, (entries, error), group=self._group)
         else:
             parts = [(entries, error)]
-        result: dict[str, Any] = {"step": step, "checkpoint": ckpt.name, "stall_s": round(stall, 3),
+        result: dict[str, Any] = {"step": step, "reason": reason, "checkpoint": ckpt.name,
+                                  "stall_s": round(stall, 3),
                                   "write_s": round(written - started - stall, 3)}
         errors = [e for _, e in parts if e]
         files = {n: e for part, _ in parts for n, e in part.items()}
@@ -221,10 +225,6 @@ class CheckpointManager:
     def expected_seconds(self) -> float | None:
         """What the next save may take: the longest of the last three (None before any)."""
         return max(self.recent_seconds) if self.recent_seconds else None
-
-    @property
-    def in_flight(self) -> bool:
-        return self._thread is not None
 
     # -- find and load ---------------------------------------------------------------------
     def candidates(self) -> list[tuple[int, Path]]:

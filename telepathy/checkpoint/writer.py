@@ -111,11 +111,6 @@ class Writer:
             jobs, self.jobs = self.jobs, []
         return jobs
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._hash_pool.shutdown(wait=True)
-        self._sync_pool.shutdown(wait=True)
-
 
 def _deepspeed_base():
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
