@@ -5,9 +5,13 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python -m telepathy.demo
+	.venv/bin/telepathy demo
 
+# Lint (ruff), the layering contract (import-linter, setup.cfg), then the tests:
+# tests/unit (pure, milliseconds), tests/integration (real processes), tests/slurm (the real cluster).
 test: setup
+	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q -rs -n 2 --dist loadfile --durations=15
 
 bench-smoke: setup

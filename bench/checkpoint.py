@@ -60,13 +60,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from telepathy.checkpoint import CheckpointManager
+    from telepathy.checkpoint.manager import CheckpointManager
     from telepathy.config import load_config
-    from telepathy.envinfo import DistEnv
-    from telepathy.engine import build_engine
-    from telepathy.paths import RunPaths
-    from telepathy.placement import choose_layout
-    from telepathy.resume import _init_process_group
+    from telepathy.core.paths import RunPaths
+    from telepathy.engine import distributed
+    from telepathy.engine.build import build_engine
+    from telepathy.plan.placement import choose_layout
+    from telepathy.slurm.env import DistEnv
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -74,7 +74,8 @@ def worker(args: argparse.Namespace) -> None:
     env = DistEnv.from_mapping(os.environ)
     cfg = load_config(str(ROOT / "configs/tiny-cpu.yaml"), MODELS[args.model])
     layout = choose_layout(cfg.train.global_batch, env.world_size, [8, 4, 2, 1])
-    dist = _init_process_group(env, cuda)
+    dist = distributed.start(env.rank, env.world_size, env.local_rank, env.master_addr,
+                             env.master_port, cuda)
     engine = build_engine(cfg, layout, cuda)
     for _ in range(2):
         for _ in range(layout.accum):
@@ -194,7 +195,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_case(model: str, world: int, repeats: int, base: Path) -> dict[str, Any]:
-    from telepathy import proc
+    from telepathy.core import proc
 
     work = Path(tempfile.mkdtemp(prefix=f"ckpt-{model}-w{world}-", dir=base))
     result = work / "result.json"

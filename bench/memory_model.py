@@ -36,18 +36,15 @@ def measure_cpu(case: list) -> dict:
 
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
-    from telepathy.distributed import free_port
-    os.environ["MASTER_PORT"] = str(free_port())
-    import deepspeed
     import torch
     import torch.nn.functional as F
 
     from telepathy.config import load_config
-    from telepathy.engine import build_engine
-    from telepathy.placement import Layout
+    from telepathy.engine import distributed
+    from telepathy.engine.build import build_engine
+    from telepathy.plan.placement import Layout
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    distributed.start(0, 1, 0, "127.0.0.1", None, cuda=False)
     name, layers, hidden, inter, heads, kv, vocab, seq, micro = case
     cfg = load_config(str(ROOT / "configs/tiny-cpu.yaml"), [
         f"model.num_layers={layers}", f"model.hidden_size={hidden}",
@@ -71,8 +68,8 @@ def measure_cpu(case: list) -> dict:
 
 
 def cpu_rows(cases: list) -> list[dict]:
-    from telepathy import proc
-    from telepathy.memory import ModelShape, zero3_memory
+    from telepathy.core import proc
+    from telepathy.plan.memory import ModelShape, zero3_memory
 
     rows = []
     for case in cases:
@@ -91,7 +88,7 @@ def cpu_rows(cases: list) -> list[dict]:
 
 
 def gpu_rows() -> list[dict]:
-    from telepathy.memory import ModelShape, zero3_memory
+    from telepathy.plan.memory import ModelShape, zero3_memory
 
     results = json.loads((ROOT / "bench/results/h100-2026-11-23.json").read_text())
     rows = []

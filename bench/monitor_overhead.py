@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from telepathy import proc
-from telepathy.jsonl import read_jsonl
-from telepathy.monitor import SystemMonitor, _Gpus
+from telepathy.core import proc
+from telepathy.core.jsonl import read_jsonl
+from telepathy.watch.monitor import SystemMonitor, _Gpus
 
 
 def per_sample_ms(samples: int) -> float:

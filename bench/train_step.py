@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from telepathy import proc
-from telepathy.jsonl import read_jsonl
-from telepathy.paths import RunPaths
+from telepathy.core import proc
+from telepathy.core.jsonl import read_jsonl
+from telepathy.core.paths import RunPaths
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-key=$(cat requirements.lock setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+key=$(cat requirements.lock setup.cfg setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
 stamp=.venv/.telepathy-setup
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
   exit 0

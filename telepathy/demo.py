@@ -1,4 +1,5 @@
-"""`python -m telepathy.demo`: show a preemption and an exact resume on the embedded default.
+"""`telepathy demo` (`python -m telepathy.demo`): show a preemption and an exact resume on the
+embedded default.
 
 Starts the local single-node SLURM cluster (slurm/local/up.sh), submits the tiny config with
 `sbatch slurm/preemptible.slurm` on 2 of its fake H100s once to the end, then once more and
@@ -19,10 +20,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import proc, slurmctl
-from .localcluster import LocalCluster
-from .jsonl import last_per_step, read_jsonl, wait_for_step
-from .paths import RunPaths
+from .core import exits, proc
+from .core.events import Event, of_kind
+from .core.jsonl import last_per_step, read_jsonl, wait_for_step
+from .core.paths import RunPaths
+from .core.resources import config as shipped_config
+from .core.resources import job_script
+from .slurm import scontrol
+from .slurm.cluster import LocalCluster
 
 console = Console(highlight=False)
 
@@ -58,18 +63,19 @@ def run_local(config: str, root: Path, stop_at: int) -> tuple[Path, Path]:
 def run_slurm(config: str, root: Path, stop_at: int, gpus: int) -> tuple[Path, Path]:
     cluster = LocalCluster(Path("runs/slurm-local").absolute()).up()
     console.print(f"[bold]0.[/] local SLURM cluster up: export SLURM_CONF={cluster.conf}")
-    script = str(Path("slurm/preemptible.slurm").absolute())
+    script = str(job_script())
 
     def submit(name: str) -> str:
-        env = {**cluster.env(), "TELEPATHY_CONFIG": config,
-               "TELEPATHY_RUN_DIR": str((root / name).absolute())}
-        return slurmctl.sbatch(script, [f"--gpus-per-node=h100:{gpus}", f"--job-name=demo-{name}",
+        env = {**cluster.env(), "TELEPATHY_CONFIG": str(Path(config).absolute()),
+               "TELEPATHY_RUN_DIR": str((root / name).absolute()),
+               "TELEPATHY_PYTHON": sys.executable}
+        return scontrol.sbatch(script, [f"--gpus-per-node=h100:{gpus}", f"--job-name=demo-{name}",
                                         f"--output={root.absolute()}/%x-%j.out",
                                         f"--error={root.absolute()}/%x-%j.err"], env=env)
 
     def wait_end(job: str) -> tuple[str, int]:
         while True:
-            state, restarts = slurmctl.job_state(job, env=cluster.env())
+            state, restarts = scontrol.job_state(job, env=cluster.env())
             if state not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING",
                              "SIGNALING"):
                 return state, restarts
@@ -85,10 +91,10 @@ def run_slurm(config: str, root: Path, stop_at: int, gpus: int) -> tuple[Path, P
     job = submit("preempted")
     console.print(f"[bold]2.[/] the same job again -> job {job}; scancel -s TERM after step {stop_at}")
     seen = wait_for_step(RunPaths.at(preempted).metrics, stop_at, 600)
-    slurmctl.scancel(job, signal="TERM", env=cluster.env())
-    while slurmctl.job_state(job, env=cluster.env())[1] < 1:
+    scontrol.scancel(job, signal="TERM", env=cluster.env())
+    while scontrol.job_state(job, env=cluster.env())[1] < 1:
         time.sleep(0.5)
-    saved = [e for e in read_jsonl(RunPaths.at(preempted).events) if e.get("event") == "requeue"]
+    saved = of_kind(list(read_jsonl(RunPaths.at(preempted).events)), Event.REQUEUE)
     console.print(f"   signal at step ~{seen}: saved, then requeued itself: job {job} "
                   f"Restarts=1, cause {saved[-1]['cause'] if saved else '?'}")
     state, restarts = wait_end(job)
@@ -102,7 +108,7 @@ def compare(reference: Path, resumed: Path) -> bool:
     ref = last_per_step(list(read_jsonl(RunPaths.at(reference).metrics)))
     run = last_per_step(list(read_jsonl(RunPaths.at(resumed).metrics)))
     events = list(read_jsonl(RunPaths.at(resumed).events))
-    resumes = [e["step"] for e in events if e.get("event") == "resume"]
+    resumes = [e["step"] for e in of_kind(events, Event.RESUME)]
     first = min(resumes) + 1 if resumes else 1
     after = [s for s in sorted(ref) if s >= first]
     equal = [s for s in after if s in run and run[s]["loss"] == ref[s]["loss"]]
@@ -123,24 +129,27 @@ def compare(reference: Path, resumed: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m telepathy.demo", description=__doc__)
-    p.add_argument("--config", default="configs/tiny-cpu.yaml")
+    p = argparse.ArgumentParser(prog="telepathy demo", description=__doc__)
+    p.add_argument("--config", help="default: configs/tiny-cpu.yaml (the one shipped with "
+                                    "telepathy when there is none here)")
     p.add_argument("--root", default="runs/demo", help="where the demo's runs go (emptied first)")
     p.add_argument("--stop-at", type=int, default=120, help="send SIGTERM after this step")
     p.add_argument("--gpus", type=int, default=2, help="fake H100s per job on the local cluster")
     p.add_argument("--local", action="store_true", help="no SLURM: one process, SIGTERM, rerun")
     args = p.parse_args(argv)
+    config = args.config or ("configs/tiny-cpu.yaml" if Path("configs/tiny-cpu.yaml").is_file()
+                             else str(shipped_config("tiny-cpu.yaml")))
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     started = time.time()
     if args.local:
-        reference, resumed = run_local(args.config, root, args.stop_at)
+        reference, resumed = run_local(config, root, args.stop_at)
     else:
-        reference, resumed = run_slurm(args.config, root, args.stop_at, args.gpus)
+        reference, resumed = run_slurm(config, root, args.stop_at, args.gpus)
     ok = compare(reference, resumed)
     console.print(f"demo took {time.time() - started:.0f} s; runs and logs under {root}")
-    return 0 if ok else 1
+    return exits.OK if ok else exits.FAILED
 
 
 if __name__ == "__main__":

@@ -1,95 +1,9 @@
-"""`python -m telepathy.requeue`: run by the job script after `srun` returns.
+"""`python -m telepathy.requeue`: the job script calls this after srun; it is `telepathy requeue`
+(telepathy.slurm.requeue). Kept at this path so that job scripts keep working."""
 
-SLURM does not requeue a job that exits during its preemption grace time, and a job that
-saved after a time-limit warning must go back in the queue too: this decides (finished, bad
-input, restart cap, crash loop) and requeues the job itself with `scontrol requeue`.
-Its exit status is the job's: 0 when requeued or finished, the training exit status otherwise.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-import os
 import sys
-import time
 
-from . import logs, slurmctl
-from .config import load_config
-from .envinfo import SlurmEnv
-from .errors import TelepathyError
-from .jsonl import JsonlWriter, read_jsonl
-from .paths import RunPaths, complete_checkpoint_steps
-from .proc import CommandError
-from .requeue_policy import (Allocation, allocations, classify_cause, decide, effective_exit,
-                             this_allocation)
-
-log = logging.getLogger("telepathy.requeue")
-
-
-def main(argv: list[str] | None = None) -> int:
-    logs.configure(0)
-    p = argparse.ArgumentParser(prog="python -m telepathy.requeue", description=__doc__)
-    p.add_argument("--config", required=True)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--exit-code", type=int, required=True, help="exit status of the training step")
-    args = p.parse_args(argv)
-    slurm = SlurmEnv.from_mapping(os.environ)
-    if not slurm.in_job:
-        log.error("not inside a SLURM job (SLURM_JOB_ID unset): nothing to requeue")
-        return 2
-    try:
-        cfg = load_config(args.config)
-    except TelepathyError as exc:
-        log.error("%s", exc)
-        return args.exit_code or 2
-    paths = RunPaths.at(args.run_dir)
-    history = list(read_jsonl(paths.events))
-    mine = this_allocation(history, slurm.job_id, slurm.restart_count)
-    exit_code = effective_exit(args.exit_code, mine, cfg.preemption.exit_code)
-    if exit_code != args.exit_code:
-        log.info("srun exited with %d, but this allocation's events say %d", args.exit_code,
-                 exit_code)
-    signals = [e for e in mine if e.get("event") == "signal"]
-    cause = None
-    if exit_code == cfg.preemption.exit_code:
-        try:
-            cause = classify_cause(slurmctl.show_job(slurm.job_id), time.time(),
-                                   cfg.slurm.signal_lead_s)
-        except CommandError as exc:
-            log.warning("could not read the job from SLURM to tell the cause: %s", exc)
-    steps = complete_checkpoint_steps(paths.checkpoints)
-    ended = Allocation(exit_code, steps[-1] if steps else 0)
-    decision = decide(allocations(history) + [ended], slurm.restart_count,
-                      cfg.preemption.max_restarts, cfg.preemption.crash_loop_limit,
-                      cfg.preemption.exit_code)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    events = JsonlWriter(paths.events)
-    record = {"time": time.time(), "job_id": slurm.job_id, "slurm_restart_count": slurm.restart_count,
-              "exit_code": exit_code, "srun_exit_code": args.exit_code,
-              "checkpoint_step": ended.checkpoint_step}
-    events.write({"event": "allocation_end", **record})
-    record.update(cause=cause, reason=decision.reason,
-                  signal=signals[-1].get("signal") if signals else None)
-    if not decision.requeue:
-        level = logging.INFO if exit_code == 0 else logging.ERROR
-        log.log(level, "not requeueing job %s: %s", slurm.job_id, decision.reason)
-        if exit_code != 0:
-            events.write({"event": "requeue_refused", **record})
-        events.close()
-        return exit_code
-    log.info("requeueing job %s (restart %d, cause: %s): %s", slurm.job_id,
-             slurm.restart_count + 1, cause or "crash", decision.reason)
-    events.write({"event": "requeue", **record})
-    events.close()
-    try:
-        slurmctl.requeue(slurm.job_id, cfg.slurm.requeue_timeout_s)
-    except CommandError as exc:
-        log.error("scontrol requeue failed: %s; resubmit with the same TELEPATHY_RUN_DIR to "
-                  "resume", exc)
-        return exit_code
-    return 0
-
+from .slurm.requeue import main
 
 if __name__ == "__main__":
     sys.exit(main())

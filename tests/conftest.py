@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import helpers
+from tests import support
 
 # One thread per training process: the two xdist workers then share the two cores without
 # thrashing (measured: 0.041 s/step at 1 thread vs 0.039 at 2 for the tiny config), and every
@@ -28,9 +28,9 @@ def reference(tmp_path_factory, worker_id):
         run_dir = root / f"reference-w{world}" / "run"
         with FileLock(str(root / f"reference-w{world}.lock")):
             if not (root / f"reference-w{world}.done").exists():
-                assert helpers.run(run_dir, world) == 0, helpers.log_text(run_dir)
+                assert support.run(run_dir, world) == 0, support.log_text(run_dir)
                 (root / f"reference-w{world}.done").touch()
-        return helpers.losses(run_dir)
+        return support.losses(run_dir)
 
     return get
 
@@ -39,8 +39,8 @@ def reference(tmp_path_factory, worker_id):
 def preempted_run(tmp_path_factory):
     """A world-size-1 run stopped by SIGTERM after step 45: checkpoints 20, 40 and ~46."""
     run_dir = tmp_path_factory.mktemp("preempted") / "run"
-    rc, _ = helpers.interrupt(run_dir, 45)
-    assert rc == 75, helpers.log_text(run_dir)
+    rc, _ = support.interrupt(run_dir, 45)
+    assert rc == 75, support.log_text(run_dir)
     return run_dir
 
 
@@ -72,7 +72,7 @@ def _free_port_pair() -> int:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """The project's own single-node SLURM cluster, up for the session, down even on failure."""
-    from telepathy.localcluster import LocalCluster
+    from telepathy.slurm.cluster import LocalCluster
 
     c = LocalCluster(tmp_path_factory.mktemp("slurm-state"), _free_port_pair(), grace_s=30)
     c.up()
@@ -80,3 +80,16 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.down()
+
+
+@pytest.fixture
+def process_group():
+    """A one-rank gloo process group in this test process."""
+    import torch.distributed
+
+    from telepathy.engine.distributed import Dist, free_port
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    yield Dist(0, 1, torch.device("cpu"))
+    torch.distributed.destroy_process_group()

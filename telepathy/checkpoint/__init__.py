@@ -1,12 +1,13 @@
-"""Checkpoints: the manager (save, find, load, prune), manifests, and the background writer.
+"""Checkpoints: one directory per step, complete only once its manifest is durable.
 
-`python -m telepathy.checkpoint verify|list|prune RUN_DIR` inspects a run's checkpoints.
+- `manifest`: what a manifest says and what makes a checkpoint complete (pure);
+- `hashing`: SHA-256 chunks while writing and when verifying; `directory`: which checkpoints
+  exist, and the one delete and prune;
+- `writer`: snapshot to host memory, then serialise, hash and fsync in the background;
+  `manager`: the collective save, find and load; `rng`: the RNG state a checkpoint carries;
+- `universal`: a checkpoint converted with DeepSpeed's ds_to_universal for another world size;
+- `cli`: `telepathy checkpoint verify|list|prune RUN_DIR`.
+
+May import: engine (the DeepSpeed adapter), testing (fault points), core, torch, safetensors.
+Importing this package imports none of its modules: the requeue step and the CLI stay light.
 """
-
-from .manager import STATE, CheckpointManager, Found, rank_state_file, verify_collective
-from .manifest import (CHUNK_BYTES, FORMAT, HASH_THREADS, hash_file, list_files, read_manifest,
-                       seal, tasks, verify)
-
-__all__ = ["CHUNK_BYTES", "FORMAT", "HASH_THREADS", "STATE", "CheckpointManager", "Found",
-           "hash_file", "list_files", "rank_state_file", "read_manifest", "seal", "tasks", "verify",
-           "verify_collective"]

@@ -1,8 +1,9 @@
-"""`python -m telepathy.checkpoint`: inspect, verify and prune a run's checkpoints.
+"""`telepathy checkpoint` (`python -m telepathy.checkpoint`): inspect, verify and prune a run's
+checkpoints.
 
-    python -m telepathy.checkpoint list   RUN_DIR          # fast: manifests only, no hashing
-    python -m telepathy.checkpoint verify RUN_DIR          # every file against its manifest
-    python -m telepathy.checkpoint prune  RUN_DIR --keep K # keep the newest K complete ones
+    telepathy checkpoint list   RUN_DIR          # fast: manifests only, no hashing
+    telepathy checkpoint verify RUN_DIR          # every file against its manifest
+    telepathy checkpoint prune  RUN_DIR --keep K # keep the newest K that verify
 
 Table: step, status (valid, corrupt, incomplete; `list` says complete), size, files, world
 size, age. `--json` prints the rows. Exit status: 0 the newest checkpoint is valid (complete,
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,15 +23,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import RunLocked
-from ..paths import MANIFEST, RunPaths, checkpoint_step
-from .manifest import read_manifest, tasks, verify
-
-OK, NOT_VALID, BAD_INPUT = 0, 1, 2
+from ..core.errors import RunLocked
+from ..core.exits import BAD_INPUT, OK
+from ..core.exits import FAILED as NOT_VALID
+from ..core.paths import RunPaths, checkpoint_step
+from ..core.runlock import RunLock
+from . import directory
+from .directory import read_manifest
+from .hashing import verify_all
+from .manifest import MANIFEST
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m telepathy.checkpoint", description=__doc__,
+    p = argparse.ArgumentParser(prog="telepathy checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["list", "verify", "prune"])
     p.add_argument("run_dir", help="a run directory (or its checkpoints/ directory)")
@@ -64,7 +68,7 @@ def describe(ckpt: Path, check: bool, now: float) -> dict[str, Any]:
     if not check:
         return {**row, "status": "complete", "problems": []}
     started = time.perf_counter()
-    problems = verify(ckpt, manifest, tasks(ckpt, manifest))
+    problems = verify_all(ckpt, manifest)
     return {**row, "status": "corrupt" if problems else "valid", "problems": problems,
             "verify_s": round(time.perf_counter() - started, 3)}
 
@@ -91,12 +95,9 @@ def table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 def prune(paths: RunPaths, keep: int, force: bool) -> list[str]:
-    """Keep the newest `keep` checkpoints that verify; delete the complete ones older than
-    those, and incomplete leftovers older than the newest complete one, each manifest first (as
-    the trainer prunes). Corrupt checkpoints newer than the kept ones are left for inspection."""
-    from ..runlock import RunLock
-
-    lock = RunLock(paths.lock, None)
+    """Keep the newest `keep` checkpoints that verify (the trainer's prune, with every file
+    verified); refuses while a live job holds the run, unless `force`."""
+    lock: RunLock | None = RunLock(paths.lock, None)
     try:
         lock.acquire()
     except RunLocked as exc:
@@ -105,26 +106,7 @@ def prune(paths: RunPaths, keep: int, force: bool) -> list[str]:
         print(f"warning: {exc}; pruning anyway (--force)", file=sys.stderr)
         lock = None
     try:
-        complete = sorted((checkpoint_step(p.name), p) for p in paths.checkpoints.iterdir()
-                          if checkpoint_step(p.name) is not None and read_manifest(p) is not None)
-        partial = [p for p in paths.checkpoints.iterdir() if checkpoint_step(p.name) is not None
-                   and read_manifest(p) is None]
-        newest = complete[-1][0] if complete else -1
-        valid: list[int] = []
-        for step, ckpt in reversed(complete):
-            if len(valid) == keep:
-                break
-            manifest = read_manifest(ckpt)
-            if not verify(ckpt, manifest, tasks(ckpt, manifest)):
-                valid.append(step)
-        if len(valid) < keep:
-            return []  # fewer valid checkpoints than asked to keep: delete nothing
-        doomed = [p for s, p in complete if s < valid[-1]] + \
-                 [p for p in partial if checkpoint_step(p.name) < newest]
-        for ckpt in doomed:
-            (ckpt / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(ckpt)
-        return sorted(p.name for p in doomed)
+        return directory.prune(paths, keep, check=lambda ckpt: not verify_all(ckpt, read_manifest(ckpt)))
     finally:
         if lock is not None:
             lock.release()

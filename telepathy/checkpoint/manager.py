@@ -12,7 +12,8 @@ Save (collective, every rank), in two parts:
      previous checkpoint stays the newest.
 Resume verifies every file against the manifest (chunks split across threads and ranks) before
 DeepSpeed unpickles anything, and falls back to the previous checkpoint when one fails.
-Nothing here trusts DeepSpeed's `latest` file.
+Nothing here trusts DeepSpeed's `latest` file. DeepSpeed itself is reached only through
+`telepathy.engine.adapter` (the checkpoint-engine hook, the universal-load repairs).
 """
 
 from __future__ import annotations
@@ -22,46 +23,46 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .. import rng
-from ..distributed import Dist
-from ..faults import FaultPlan
-from ..fsutil import fsync_dir, write_json_atomic
-from ..health import fits
-from ..paths import MANIFEST, RunPaths, checkpoint_name, checkpoint_step
-from .manifest import FORMAT, read_manifest, seal, tasks, verify
-from .writer import PinnedPool, Writer, make_checkpoint_engine
+from ..core.events import SaveResult
+from ..core.fsutil import fsync_dir, write_json_atomic
+from ..core.paths import RunPaths, checkpoint_name
+from ..engine import adapter
+from ..testing.faults import FaultPlan
+from . import directory, rng
+from .directory import Found, read_manifest
+from .hashing import verify_across
+from .manifest import FORMAT, MANIFEST, STATE, rank_state_file, seal
+from .writer import PinnedPool, Writer
 
 log = logging.getLogger(__name__)
 
-STATE = "telepathy/state.json"
+
+class Dist(Protocol):
+    """The collectives a save and a load need (telepathy.engine.distributed.Dist)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+    def broadcast_object(self, obj: Any) -> Any: ...
 
 
-def rank_state_file(rank: int) -> str:
-    return f"telepathy/rank_{rank:05d}.safetensors"
-
-
-@dataclass(frozen=True)
-class Found:
-    """A verified checkpoint: its directory, step, and telepathy state."""
-
-    path: Path
-    step: int
-    state: dict[str, Any]
-
-
-def verify_collective(ckpt: Path, manifest: dict[str, Any], dist: Any) -> list[str]:
-    """Collective: every file of a checkpoint against its manifest, chunks split across ranks."""
-    units = tasks(ckpt, manifest)
-    mine = units[dist.rank::dist.world_size]
-    return [p for part in dist.all_gather_object(verify(ckpt, manifest, mine)) for p in part]
+def fits(free_bytes: int, needed_bytes: int, margin: float = 1.1) -> bool:
+    """Whether a checkpoint of `needed_bytes` fits in `free_bytes`, with a safety margin."""
+    return free_bytes >= needed_bytes * margin
 
 
 class CheckpointManager:
@@ -78,8 +79,8 @@ class CheckpointManager:
         self._pinned = PinnedPool()
         self._saving: Path | None = None
         self._thread: threading.Thread | None = None
-        self._result: dict[str, Any] | None = None
-        self._unreported: list[dict[str, Any]] = []
+        self._result: SaveResult | None = None
+        self._unreported: list[SaveResult] = []
         self.recent_seconds: list[float] = []
         """Total seconds (snapshot to manifest) of the last saves that completed."""
         # Background threads exchange file lists on their own group, never on training's.
@@ -88,18 +89,20 @@ class CheckpointManager:
 
     def attach(self, engine: Any) -> None:
         """Make DeepSpeed save through telepathy's snapshotting checkpoint engine."""
-        zipped = bool(engine._config.checkpoint_config.get("checkpoint_serialization", True))
         if self.writer is None:
-            self.writer = Writer(serialization_zip=zipped)
-        engine.checkpoint_engine = make_checkpoint_engine(self.writer, lambda: self._saving,
-                                                          self._pinned)
+            self.writer = Writer(serialization_zip=adapter.zipped_serialization(engine))
+        adapter.install_checkpoint_engine(engine, self._snapshot_file)
+
+    def _snapshot_file(self, state_dict: Any, path: str) -> None:
+        """DeepSpeed hands over one file's state: copy it to host memory, queue its write."""
+        self.writer.snapshot_file(state_dict, Path(path), self._saving, self._pinned)
 
     def space(self) -> tuple[bool, int, int]:
         """Collective: (fits, free bytes, needed bytes) for the next checkpoint, rank 0's view."""
         verdict = None
         if self.dist.is_main:
-            complete = [p for _, p in self.candidates() if (p / MANIFEST).exists()]
-            manifest = read_manifest(complete[0]) if complete else None
+            steps = directory.complete_steps(self.paths.checkpoints)
+            manifest = read_manifest(self.paths.checkpoint(steps[-1])) if steps else None
             needed = manifest["bytes"] if manifest else self.estimate_bytes
             free = shutil.disk_usage(self.paths.root).free
             verdict = (fits(free, needed), free, needed)
@@ -121,7 +124,7 @@ class CheckpointManager:
         if self.dist.is_main:
             self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
             if ckpt.exists():  # a leftover of a save that never completed
-                self._remove(ckpt)
+                directory.remove(ckpt, self.faults, self.dist.rank)
         self.dist.barrier()
         hit("save.start")
         self._saving = ckpt
@@ -169,16 +172,10 @@ class CheckpointManager:
             torch.distributed.all_gather_object(parts, (entries, error), group=self._group)
         else:
             parts = [(entries, error)]
-        result: dict[str, Any] = {"step": step, "reason": reason, "checkpoint": ckpt.name,
-                                  "stall_s": round(stall, 3),
-                                  "write_s": round(written - started - stall, 3)}
         errors = [e for _, e in parts if e]
         files = {n: e for part, _ in parts for n, e in part.items()}
-        if errors:
-            result["error"] = "; ".join(errors)
-        else:
-            result.update(bytes=sum(e["size"] for e in files.values()), files=len(files))
-        if not errors and self.dist.is_main:
+        error = "; ".join(errors) or None
+        if error is None and self.dist.is_main:
             try:
                 hit("save.hashed")
                 fsync_dir(ckpt)
@@ -191,17 +188,19 @@ class CheckpointManager:
                 hit("save.done")
                 self.prune()
             except Exception as exc:
-                result["error"] = f"rank 0: {type(exc).__name__}: {exc}"
-        if "error" in result and self.dist.is_main:
+                error = f"rank 0: {type(exc).__name__}: {exc}"
+        if error is not None and self.dist.is_main:
             shutil.rmtree(ckpt, ignore_errors=True)  # every rank is done with it
         done = time.time()
-        result["seconds"] = round(done - started, 3)
-        result["persist_s"] = round(done - started - stall, 3)
-        if "bytes" in result:
-            result["GB_per_s"] = round(result["bytes"] / 1e9 / max(done - started, 1e-9), 3)
-        self._result = result
+        size = sum(e["size"] for e in files.values())
+        self._result = SaveResult(
+            step=step, reason=reason, checkpoint=ckpt.name, stall_s=round(stall, 3),
+            write_s=round(written - started - stall, 3), persist_s=round(done - started - stall, 3),
+            seconds=round(done - started, 3), error=error,
+            **({} if error else {"bytes": size, "files": len(files),
+                                 "GB_per_s": round(size / 1e9 / max(done - started, 1e-9), 3)}))
 
-    def wait(self) -> dict[str, Any] | None:
+    def wait(self) -> SaveResult | None:
         """Finish the save in flight, if any; its result (also kept for `completed()`)."""
         if self._thread is None:
             return None
@@ -209,12 +208,12 @@ class CheckpointManager:
         self._thread = None
         result, self._result = self._result, None
         if result is not None:
-            if "error" not in result:
-                self.recent_seconds = [*self.recent_seconds[-2:], result["seconds"]]
+            if result.ok:
+                self.recent_seconds = [*self.recent_seconds[-2:], result.seconds]
             self._unreported.append(result)
         return result
 
-    def completed(self) -> list[dict[str, Any]]:
+    def completed(self) -> list[SaveResult]:
         """Results of saves finished since the last call (without waiting for one in flight)."""
         if self._thread is not None and not self._thread.is_alive():
             self.wait()
@@ -227,28 +226,20 @@ class CheckpointManager:
         return max(self.recent_seconds) if self.recent_seconds else None
 
     # -- find and load ---------------------------------------------------------------------
-    def candidates(self) -> list[tuple[int, Path]]:
-        """Checkpoint directories, newest first (whether complete or not)."""
-        root = self.paths.checkpoints
-        if not root.is_dir():
-            return []
-        found = [(checkpoint_step(p.name), p) for p in root.iterdir() if p.is_dir()]
-        return sorted(((s, p) for s, p in found if s is not None), reverse=True)
-
     def newest_valid(self) -> tuple[Found | None, list[dict[str, Any]]]:
         """Collective: the newest checkpoint whose every file matches its manifest.
 
         Returns it (or None) and a list of rejected checkpoints with their problems.
         """
         rejected: list[dict[str, Any]] = []
-        for step, ckpt in self.candidates():
+        for step, ckpt in directory.candidates(self.paths.checkpoints):
             manifest = read_manifest(ckpt)
             if manifest is None:
                 why = ("the manifest (MANIFEST.json) is damaged: bad JSON or its own checksum differs"
                        if (ckpt / MANIFEST).exists() else "no manifest (incomplete)")
                 rejected.append({"checkpoint": ckpt.name, "problems": [why]})
                 continue
-            problems = verify_collective(ckpt, manifest, self.dist)
+            problems = verify_across(ckpt, manifest, self.dist)
             if problems:
                 rejected.append({"checkpoint": ckpt.name, "problems": problems})
                 continue
@@ -260,7 +251,7 @@ class CheckpointManager:
              train_seed: int = 0) -> None:
         """Load a verified checkpoint into the engine and restore this rank's RNG state.
 
-        `universal`: its verified universal copy, when the world size changed (see elastic.py);
+        `universal`: its verified universal copy, when the world size changed (universal.py);
         a rank that did not exist then gets a fresh RNG seeded from (train_seed, step, rank).
         """
         source = universal or found.path
@@ -270,12 +261,11 @@ class CheckpointManager:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {source}")
         if universal is not None:
-            from ..elastic import repair_universal_load, rng_seed
-            repaired = repair_universal_load(engine, universal)
+            repaired = adapter.repair_universal_load(engine, universal)
             if repaired:
                 log.info("after DeepSpeed's universal load, repaired: %s", "; ".join(repaired))
             if self.dist.rank >= found.state["world_size"]:
-                rng.seed_all(rng_seed(train_seed, found.step, self.dist.rank))
+                rng.seed_all(rng.new_rank_seed(train_seed, found.step, self.dist.rank))
                 return
         path = str(found.path / rank_state_file(self.dist.rank))
         with safe_open(path, framework="pt") as f:
@@ -285,67 +275,14 @@ class CheckpointManager:
 
     # -- housekeeping (rank 0) -------------------------------------------------------------
     def set_aside(self, rejected: list[dict[str, Any]]) -> None:
-        """After a fallback: delete incomplete leftovers, move corrupt checkpoints to rejected/.
-
-        Rank 0 only. Corrupt ones are kept (the newest `keep`) for inspection, never scanned again.
-        """
-        aside = self.paths.checkpoints / "rejected"
-        for item in rejected:
-            ckpt = self.paths.checkpoints / item["checkpoint"]
-            if not ckpt.exists():
-                continue
-            if not (ckpt / MANIFEST).exists():
-                shutil.rmtree(ckpt)
-                continue
-            aside.mkdir(exist_ok=True)
-            ckpt.rename(aside / f"{ckpt.name}-{int(time.time())}")
-        if aside.is_dir():
-            for old in sorted(aside.iterdir(), key=lambda p: p.stat().st_mtime)[: -self.keep]:
-                shutil.rmtree(old)
-        fsync_dir(self.paths.checkpoints) if self.paths.checkpoints.is_dir() else None
-
-    def _remove(self, ckpt: Path) -> None:
-        """Delete a checkpoint so that a crash half-way leaves it visibly incomplete."""
-        manifest = ckpt / MANIFEST
-        if manifest.exists():
-            manifest.unlink()
-            fsync_dir(ckpt)
-            self.faults.hit("prune.manifest_removed", checkpoint_step(ckpt.name) or -1,
-                            self.dist.rank)
-        shutil.rmtree(ckpt)
+        """After a fallback: delete incomplete leftovers, keep damaged ones in rejected/."""
+        directory.set_aside(self.paths, rejected, self.keep)
 
     def prune(self) -> list[str]:
-        """Keep the newest `keep` complete checkpoints; drop older ones and stale leftovers.
+        """Keep the newest `keep` complete checkpoints (directory.prune, as the CLI prunes)."""
+        return directory.prune(self.paths, self.keep, faults=self.faults, rank=self.dist.rank)
 
-        A checkpoint is only deleted once `keep` newer complete ones exist, and an incomplete
-        directory only when a newer complete one exists (it cannot be a save in progress).
-        """
-        complete = [(s, p) for s, p in self.candidates() if (p / MANIFEST).exists()]
-        if not complete:
-            return []
-        kept = complete[: self.keep]
-        oldest_kept = kept[-1][0]
-        newest = complete[0][0]
-        removed = []
-        for step, ckpt in self.candidates():
-            stale_complete = (step, ckpt) in complete and step < oldest_kept
-            stale_partial = (step, ckpt) not in complete and step < newest
-            if stale_complete or stale_partial:
-                self._remove(ckpt)
-                removed.append(ckpt.name)
-        if removed:
-            fsync_dir(self.paths.checkpoints)
-            log.info("pruned checkpoints %s", ", ".join(removed))
-        self._prune_universal({s for s, p in self.candidates() if (p / MANIFEST).exists()})
-        return removed
-
-    def _prune_universal(self, steps: set[int]) -> None:
-        """Delete cached universal conversions whose checkpoint is gone, and temp leftovers."""
-        root = self.paths.universal_root
-        if not root.is_dir():
-            return
-        stale = [p for p in root.iterdir() if checkpoint_step(p.name) not in steps]
-        for item in stale:
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
-        if stale:
-            fsync_dir(root)
+    def newest_complete_step(self) -> int:
+        """Collective: the newest step with a complete checkpoint, rank 0's view (0: none)."""
+        steps = directory.complete_steps(self.paths.checkpoints) if self.dist.is_main else None
+        return self.dist.broadcast_object(steps[-1] if steps else 0)

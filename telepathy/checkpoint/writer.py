@@ -1,11 +1,11 @@
 """Snapshot, then persist: the part of a save that runs while training goes on.
 
-`TelepathyCheckpointEngine` plugs into DeepSpeed's checkpoint-engine mechanism (DeepSpeed keeps
-writing its own ZeRO-3 layout and calls `save(state_dict, path)` once per file). Each call copies
-the state to host memory (CUDA: into pinned buffers reused from save to save; CPU: a copy) and
-queues the file; `Writer` threads serialise the snapshots with torch.save straight into
-`HashingFile`s (hashed in the same pass, fsynced), several files at once. The training loop
-waits only for the copies.
+DeepSpeed keeps writing its own ZeRO-3 layout and hands each file's state to telepathy through
+its checkpoint-engine hook (installed by `telepathy.engine.adapter`), which calls
+`Writer.snapshot`: the state is copied to host memory (CUDA: into pinned buffers reused from save
+to save; CPU: a copy) and the file is queued; `Writer` threads serialise the snapshots with
+torch.save straight into `HashingFile`s (hashed in the same pass, fsynced), several files at
+once. The training loop waits only for the copies.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from .manifest import HashingFile, write_hashed
+from .hashing import HashingFile, write_hashed
 
 log = logging.getLogger(__name__)
 
@@ -106,46 +106,16 @@ class Writer:
         with self.lock:
             self.jobs.append((name, self._pool.submit(write_hashed, path, data, self._hash_pool)))
 
+    def snapshot_file(self, state: Any, path: Path, ckpt: Path, pinned: PinnedPool | None) -> None:
+        """Copy one file's state to host memory and queue its write; `ckpt` is the checkpoint
+        directory being saved (names in the manifest are relative to it)."""
+        rel = str(path.resolve().relative_to(ckpt.resolve()))
+        copy_ = snapshot(state, pinned, (rel,))
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the non-blocking copies are done
+        self.submit_state(rel, copy_, path)
+
     def take_jobs(self) -> list[tuple[str, Future]]:
         with self.lock:
             jobs, self.jobs = self.jobs, []
         return jobs
-
-
-def _deepspeed_base():
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
-    return CheckpointEngine
-
-
-def make_checkpoint_engine(writer: Writer, root: Callable[[], Path | None],
-                           pinned: PinnedPool | None):
-    """A DeepSpeed CheckpointEngine that snapshots each file's state and hands it to `writer`.
-
-    `root()` names the checkpoint directory being saved (file names in the manifest are
-    relative to it); loads are plain torch.load of files verified before.
-    """
-    base = _deepspeed_base()
-
-    class TelepathyCheckpointEngine(base):
-        def __init__(self) -> None:
-            super().__init__(None)
-            self.name = "TelepathyCheckpointEngine"
-
-        def create(self, info) -> None:
-            pass
-
-        def save(self, state_dict, path: str) -> None:
-            ckpt = root()
-            rel = str(Path(path).resolve().relative_to(ckpt.resolve()))
-            state = snapshot(state_dict, pinned, (rel,))
-            if torch.cuda.is_available():
-                torch.cuda.current_stream().synchronize()  # the non-blocking copies are done
-            writer.submit_state(rel, state, Path(path))
-
-        def load(self, path: str, map_location=None):
-            return torch.load(path, map_location=map_location, weights_only=False)
-
-        def commit(self, info) -> bool:
-            return True
-
-    return TelepathyCheckpointEngine()

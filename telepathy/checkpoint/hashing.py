@@ -1,0 +1,210 @@
+"""Hashing checkpoint files: while they are written, and when they are verified.
+
+Each file is hashed in chunks (SHA-256 of every `CHUNK_BYTES` piece): while it is written, in one
+pass with the write (`HashingFile`), and, on load, in parallel across chunks, threads and ranks
+(`verify`, `verify_across`). What the hashes must match is in `manifest.py`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from .manifest import MANIFEST, digest_of, tasks
+
+CHUNK_BYTES = 64 * 2**20
+SYNC_BYTES = 64 * 2**20
+"""Written bytes after which a background fdatasync starts (overlapping writeback)."""
+HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
+_READ = 8 * 2**20
+
+
+class Collective(Protocol):
+    """The collectives verification needs (telepathy.engine.distributed.Dist has them)."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+
+def list_files(ckpt: Path) -> list[str]:
+    """Every file under a checkpoint directory except the manifest and its temp file."""
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"))
+
+
+class HashingFile:
+    """A binary file opened for writing that hashes what passes through, chunk by chunk.
+
+    Each write is hashed on a helper thread while the write itself runs (both release the GIL),
+    so hashing costs no second read and little extra time. `close()` fsyncs and returns the
+    manifest entry.
+    """
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, chunk_bytes: int = CHUNK_BYTES,
+                 sync_pool: ThreadPoolExecutor | None = None):
+        self._f: BinaryIO = open(path, "wb", buffering=0)  # errors (ENOSPC) surface here
+        self._pool = pool
+        self._sync_pool = sync_pool
+        self._syncing: Future | None = None
+        self._unsynced = 0
+        self._chunk_bytes = chunk_bytes
+        self._chunks: list[str] = []
+        self._current = hashlib.sha256()
+        self._in_chunk = 0
+        self.size = 0
+        self.error: OSError | None = None
+
+    def _hash(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), self._chunk_bytes - self._in_chunk)
+            self._current.update(data[:take])
+            self._in_chunk += take
+            data = data[take:]
+            if self._in_chunk == self._chunk_bytes:
+                self._chunks.append(self._current.hexdigest())
+                self._current, self._in_chunk = hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        hashed: Future = self._pool.submit(self._hash, view)
+        try:
+            done = 0
+            while done < len(view):  # a raw write may be partial; a failed one raises OSError
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, f"write returned {n}", self._f.name)
+                done += n
+        except OSError as exc:
+            self.error = exc  # torch.save's C++ writer replaces it with "unexpected pos"
+            raise
+        finally:
+            hashed.result()
+        self.size += len(view)
+        self._unsynced += len(view)
+        if self._sync_pool is not None and self._unsynced >= SYNC_BYTES and \
+                (self._syncing is None or self._syncing.done()):
+            # Start writing back to disk while serialisation goes on; close() waits for it.
+            self._syncing = self._sync_pool.submit(os.fdatasync, self._f.fileno())
+            self._unsynced = 0
+        return len(view)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> dict[str, Any]:
+        """Flush, fsync, close; the manifest entry of what was written."""
+        self._f.flush()
+        if self._syncing is not None:
+            self._syncing.result()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        if self._in_chunk or not self._chunks:
+            self._chunks.append(self._current.hexdigest())
+        return {"size": self.size, "chunk_bytes": self._chunk_bytes, "sha256_chunks": self._chunks,
+                "digest": digest_of(self._chunks)}
+
+    def abort(self) -> None:
+        if self._syncing is not None:
+            self._syncing.exception()
+        self._f.close()
+
+
+def write_hashed(path: Path, data: bytes, pool: ThreadPoolExecutor) -> dict[str, Any]:
+    """Write bytes to a new file, fsync it; its manifest entry."""
+    f = HashingFile(path, pool)
+    try:
+        f.write(data)
+    except BaseException:
+        f.abort()
+        raise
+    return f.close()
+
+
+def hash_file(path: Path, fsync: bool = False, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+    """The manifest entry of an existing file, read once (with `fsync`, made durable first)."""
+    chunks, size = [], 0
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while True:
+            digest, n = hashlib.sha256(), 0
+            while n < chunk_bytes and (block := f.read(min(_READ, chunk_bytes - n))):
+                digest.update(block)
+                n += len(block)
+            if n == 0 and chunks:
+                break
+            chunks.append(digest.hexdigest())
+            size += n
+            if n < chunk_bytes:
+                break
+    return {"size": size, "chunk_bytes": chunk_bytes, "sha256_chunks": chunks,
+            "digest": digest_of(chunks)}
+
+
+def _chunk_sha256(path: Path, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0 and (block := f.read(min(_READ, length))):
+            digest.update(block)
+            length -= len(block)
+    return digest.hexdigest()
+
+
+def _whole_sha256(path: Path) -> str:
+    return _chunk_sha256(path, 0, path.stat().st_size)
+
+
+def verify(ckpt: Path, manifest: dict[str, Any], units: Iterable[tuple[str, int]],
+           threads: int = HASH_THREADS) -> list[str]:
+    """Problems found in these units of a checkpoint (empty: they match), checked in parallel."""
+    def check(unit: tuple[str, int]) -> str | None:
+        name, index = unit
+        entry = manifest["files"].get(name)
+        path = ckpt / name
+        if index == -1:
+            if entry is None:
+                return f"{name}: not listed in the manifest (stray file)"
+            if not path.is_file():
+                return f"{name}: missing"
+            size = path.stat().st_size
+            if size != entry["size"]:
+                return f"{name}: size {size} bytes, manifest says {entry['size']}"
+            if "sha256" in entry and _whole_sha256(path) != entry["sha256"]:
+                return f"{name}: sha256 differs, manifest says {entry['sha256']}"
+            return None
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            return None  # reported once by the whole-file unit
+        chunk = entry["chunk_bytes"]
+        found = _chunk_sha256(path, index * chunk, min(chunk, entry["size"] - index * chunk))
+        expected = entry["sha256_chunks"][index]
+        if found != expected:
+            return (f"{name}: bytes {index * chunk}-{min((index + 1) * chunk, entry['size']) - 1} "
+                    f"have sha256 {found}, manifest says {expected}")
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [p for p in pool.map(check, list(units)) if p]
+
+
+def units_of(ckpt: Path, manifest: dict[str, Any]) -> list[tuple[str, int]]:
+    """The verification units of a checkpoint directory as it is on disk."""
+    return tasks(manifest, list_files(ckpt))
+
+
+def verify_all(ckpt: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems of every file of a checkpoint (empty: it is valid), in this process."""
+    return verify(ckpt, manifest, units_of(ckpt, manifest))
+
+
+def verify_across(ckpt: Path, manifest: dict[str, Any], dist: Collective) -> list[str]:
+    """Collective: every file of a checkpoint against its manifest, chunks split across ranks."""
+    mine = units_of(ckpt, manifest)[dist.rank::dist.world_size]
+    return [p for part in dist.all_gather_object(verify(ckpt, manifest, mine)) for p in part]

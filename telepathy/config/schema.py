@@ -1,0 +1,278 @@
+"""The run configuration's schema: nested dataclasses, each field documented, each value
+validated in `__post_init__` with an error that names the key, the value and the fix. Pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import exits
+from ..core.errors import ConfigError
+
+SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
+ARCHS = ("llama", "mistral", "qwen2")
+DTYPES = ("auto", "float32", "bfloat16")
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
+
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    """transformers model_type of a Llama-family causal LM: llama, mistral or qwen2."""
+    pretrained_path: str | None = None
+    """Local directory with config.json and safetensors weights; None builds from the fields below."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 172
+    """Width of the MLP."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    vocab_size: int = 256
+    """Vocabulary size; every token id in the data must be below it."""
+    max_seq_len: int = 256
+    """Longest sequence the position embedding supports; must be >= data.seq_len."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    dtype: str = "auto"
+    """Training precision: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, "model.arch", self.arch, f"use one of {', '.join(ARCHS)}")
+        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            _require(value >= 1, f"model.{name}", value, "must be a positive integer")
+        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
+                 f"must be divisible by model.num_heads={self.num_heads}")
+        _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
+                 f"must divide model.num_heads={self.num_heads}")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Pre-tokenized token file (.npy, or raw .bin of `dtype`). None: generate a synthetic corpus."""
+    synthetic_tokens: int = 100_000
+    """Size of the generated corpus when path is None (written once into the run directory)."""
+    dtype: str = "uint16"
+    """Element type of a raw .bin token file (.npy files carry their own)."""
+    seq_len: int = 64
+    """Tokens per training sample (each sample reads seq_len + 1 tokens)."""
+    seed: int = 1234
+    """Seed of the per-epoch sample permutation (and of the synthetic corpus)."""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be a positive integer")
+        _require(self.dtype in TOKEN_DTYPES, "data.dtype", self.dtype,
+                 f"use one of {', '.join(TOKEN_DTYPES)}")
+        if self.path is None:
+            _require(self.synthetic_tokens > self.seq_len, "data.synthetic_tokens",
+                     self.synthetic_tokens,
+                     "set data.path to a pre-tokenized file, or data.synthetic_tokens to more than "
+                     f"data.seq_len={self.seq_len} to generate a corpus")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Total optimizer steps of the run."""
+    global_batch: int = 8
+    """Samples per optimizer step, summed over all ranks and accumulation steps. Fixed for a run."""
+    seed: int = 0
+    """Seed of model initialisation and of every rank's RNG."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warm-up length in optimizer steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold; 0 disables clipping."""
+    log_every: int = 10
+    """Log a progress line every this many steps."""
+    deterministic: bool = True
+    """Use deterministic kernels so that a resumed run repeats the same losses bit for bit."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", self.steps, "must be a positive integer")
+        _require(self.global_batch >= 1, "train.global_batch", self.global_batch,
+                 "must be a positive integer")
+        _require(self.lr > 0, "train.lr", self.lr, "must be positive")
+        _require(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr,
+                 f"must lie between 0 and train.lr={self.lr}")
+        _require(0 <= self.warmup_steps <= self.steps, "train.warmup_steps", self.warmup_steps,
+                 f"must lie between 0 and train.steps={self.steps}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2",
+                 (self.beta1, self.beta2), "each must lie in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every this many optimizer steps; 0 disables step-based saves."""
+    every_min: float = 0.0
+    """Save when this many minutes have passed since the last save; 0 disables."""
+    keep: int = 3
+    """Newest complete checkpoints to keep (at least 2, so one always survives a bad save)."""
+    async_save: bool = True
+    """Write checkpoints in the background: training waits only for the copy to host memory."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")
+        _require(self.every_min >= 0, "checkpoint.every_min", self.every_min, "must be >= 0")
+        _require(self.keep >= 2, "checkpoint.keep", self.keep,
+                 "keep at least 2 so a failed save never leaves the run without a checkpoint")
+
+
+@dataclass
+class PreemptionConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that mean: save at the next step boundary, then exit for requeue."""
+    exit_code: int = exits.PREEMPTED
+    """Exit status after a preemption save (75 = EX_TEMPFAIL: saved, please requeue)."""
+    max_restarts: int = 50
+    """Stop requeueing after this many restarts of the run."""
+    crash_loop_limit: int = 3
+    """Stop requeueing when this many allocations in a row end without progress."""
+
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            _require(name in SIGNAL_NAMES, "preemption.signals", name,
+                     f"use signal names from {', '.join(SIGNAL_NAMES)}")
+        _require(len(self.signals) >= 1, "preemption.signals", self.signals,
+                 "name at least one signal, e.g. [SIGTERM]")
+        _require(self.exit_code not in (exits.FINISHED, exits.FAILED, exits.BAD_INPUT)
+                 and 0 < self.exit_code < 126,
+                 "preemption.exit_code", self.exit_code,
+                 "use a code in 3..125 that no crash produces (default 75)")
+        _require(self.max_restarts >= 0, "preemption.max_restarts", self.max_restarts, "must be >= 0")
+        _require(self.crash_loop_limit >= 1, "preemption.crash_loop_limit", self.crash_loop_limit,
+                 "must be >= 1")
+
+
+@dataclass
+class PlacementConfig:
+    micro_batch_sizes: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    """Allowed per-rank micro-batch sizes; the largest that divides the per-rank batch and fits
+    the GPU's memory is used."""
+    gpu_mem_gib: float = 79.1
+    """GPU memory in GiB assumed by `telepathy.plan` (an H100 80GB has 79.1 GiB); on a GPU,
+    resume reads the real size."""
+    gpu_mem_headroom: float = 0.9
+    """Fraction of GPU memory a placement may plan to use."""
+    allow_offload: bool = True
+    """Offload optimizer (then parameter) states to host memory when nothing else fits."""
+    allow_nearest_global_batch: bool = False
+    """When train.global_batch does not divide over the GPUs (e.g. 3), train with the nearest
+    global batch that does instead of refusing (changes the trajectory)."""
+    max_oom_retries: int = 3
+    """Out-of-memory errors in one allocation recovered by shrinking the micro-batch."""
+    gpu_tflops: float = 989.0
+    """Peak dense bf16 TFLOP/s of one GPU (H100 SXM), for the step-time model of telepathy.plan."""
+    mfu: float = 0.25
+    """Fraction of gpu_tflops training reaches (0.25 measured for the 1.1B config on one H100)."""
+    scaling: float = 0.9
+    """Throughput kept per doubling of the GPU count (communication overhead)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.micro_batch_sizes) >= 1 and all(m >= 1 for m in self.micro_batch_sizes),
+                 "placement.micro_batch_sizes", self.micro_batch_sizes,
+                 "give a list of positive integers, e.g. [8, 4, 2, 1]")
+        _require(self.gpu_mem_gib > 0, "placement.gpu_mem_gib", self.gpu_mem_gib, "must be > 0")
+        _require(0 < self.gpu_mem_headroom <= 1, "placement.gpu_mem_headroom",
+                 self.gpu_mem_headroom, "must lie in (0, 1]")
+        _require(self.max_oom_retries >= 0, "placement.max_oom_retries", self.max_oom_retries,
+                 "must be >= 0")
+        for name in ("gpu_tflops", "mfu", "scaling"):
+            _require(getattr(self, name) > 0, f"placement.{name}", getattr(self, name),
+                     "must be > 0")
+        _require(self.mfu <= 1 and self.scaling <= 1, "placement.mfu/scaling",
+                 (self.mfu, self.scaling), "are fractions: at most 1")
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = "preemptible"
+    """Partition the job script asks for."""
+    gpu_type: str = "h100"
+    """GRES type of the GPUs (`--gpus-per-node=<gpu_type>:<count>`)."""
+    gpus_per_node: int = 4
+    """H100s per node (1-4); one training rank per GPU."""
+    cpus_per_gpu: int = 8
+    """CPU cores per GPU."""
+    mem_per_gpu_gb: int = 64
+    """Host memory per GPU, in GB."""
+    time_limit_min: int = 240
+    """Job time limit in minutes."""
+    signal_lead_s: int = 120
+    """Seconds before the time limit at which SLURM sends the grace signal."""
+    requeue_timeout_s: int = 60
+    """Timeout of the `scontrol requeue` call."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.gpus_per_node <= 4, "slurm.gpus_per_node", self.gpus_per_node,
+                 "telepathy runs 1-4 GPUs per node")
+        _require(self.time_limit_min >= 1, "slurm.time_limit_min", self.time_limit_min, "must be >= 1")
+        _require(self.signal_lead_s >= 1, "slurm.signal_lead_s", self.signal_lead_s, "must be >= 1")
+
+
+@dataclass
+class MonitorConfig:
+    interval_s: float = 10.0
+    """Seconds between GPU/host samples (system-<host>.jsonl); 0 turns the sampler off."""
+    low_util_pct: float = 20.0
+    """Warn when a GPU stays below this utilisation ..."""
+    low_util_window_s: float = 300.0
+    """... for this many seconds."""
+    high_mem_pct: float = 95.0
+    """Warn when a GPU's memory is fuller than this."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s >= 0, "monitor.interval_s", self.interval_s, "must be >= 0")
+        _require(0 <= self.low_util_pct <= 100, "monitor.low_util_pct", self.low_util_pct,
+                 "must lie in 0..100")
+        _require(0 < self.high_mem_pct <= 100, "monitor.high_mem_pct", self.high_mem_pct,
+                 "must lie in 0..100")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+                 f"must be <= model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

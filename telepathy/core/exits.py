@@ -1,0 +1,18 @@
+"""Exit codes of telepathy's programs, defined once. Job scripts and the requeue policy read them.
+
+| code | `telepathy resume` | `telepathy checkpoint verify` |
+|---|---|---|
+| 0 | the run reached train.steps | the newest checkpoint is valid |
+| 1 | anything else (a crash) | the newest checkpoint is not valid |
+| 2 | bad input: config, data, placement, a refused resume | bad input, or no checkpoint |
+| 75 | saved after a signal: requeue, run the same command | - |
+"""
+
+FINISHED = 0
+OK = 0
+FAILED = 1
+"""A crash (resume), or a check that did not pass (checkpoint verify)."""
+BAD_INPUT = 2
+"""Bad config, data, placement or a refused resume: requeueing would fail the same way."""
+PREEMPTED = 75
+"""EX_TEMPFAIL: the state is saved; requeue and run the same command (preemption.exit_code)."""

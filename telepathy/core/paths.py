@@ -1,0 +1,74 @@
+"""RunPaths: the one place that names every file of a run directory. Pure.
+
+What makes a checkpoint directory complete is `telepathy.checkpoint.manifest`'s to say.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> RunPaths:
+        return cls(Path(root).absolute())
+
+    @property
+    def config(self) -> Path:
+        """The effective configuration of the run, as first started."""
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def system(self, host: str) -> Path:
+        """GPU and host samples of one node."""
+        return self.root / f"system-{host}.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    @property
+    def universal_root(self) -> Path:
+        """Checkpoints converted to DeepSpeed's universal format (for a new world size)."""
+        return self.root / "universal"
+
+    def universal(self, step: int) -> Path:
+        return self.universal_root / checkpoint_name(step)
+
+    def synthetic_corpus(self, tokens: int, vocab: int, seed: int) -> Path:
+        return self.data / f"synthetic-v{vocab}-n{tokens}-s{seed}.npy"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory name, or None for anything else."""
+    match = CHECKPOINT_RE.match(name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,158 @@
+"""Every place telepathy reaches into DeepSpeed's internals, in one file.
+
+A DeepSpeed upgrade should touch this file and nothing else. Each function names what it relies
+on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with gloo):
+
+- `init_distributed`: `deepspeed.ops.__compatible_ops__` (skip a shared-memory op's JIT build);
+- `install_checkpoint_engine`, `zipped_serialization`: the checkpoint-engine hook
+  (`engine.checkpoint_engine`, `CheckpointEngine`) and `engine._config.checkpoint_config`;
+- `step_counters`, `drop_partial_step`: the micro-step counters and the ZeRO-3 parameter
+  coordinator, to drop a step that ran out of memory;
+- `repair_universal_load`: two defects of the ZeRO-3 universal load (0.19.8);
+- `full_state`: every parameter's fp32 weight and Adam moments (`safe_get_full_*`, the client
+  optimizer behind ZeRO-3) for the state dumps of tests;
+- `numel`, `full_shape`: the real size of a partitioned parameter (`ds_numel`, `ds_shape`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import CheckpointError
+
+
+def init_distributed(backend: str) -> None:
+    """Start DeepSpeed's process group (the variables it reads must be set)."""
+    import deepspeed
+
+    # A shared-memory collective that JIT-compiles for ~46 s and changes nothing for gloo.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def numel(param: torch.nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """Shape of a parameter, also when ZeRO-3 has partitioned it away."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def zipped_serialization(engine: Any) -> bool:
+    """Whether DeepSpeed's config asks for torch's zip serialization of checkpoint files."""
+    return bool(engine._config.checkpoint_config.get("checkpoint_serialization", True))
+
+
+def install_checkpoint_engine(engine: Any, save: Callable[[Any, str], None]) -> None:
+    """Make `engine.save_checkpoint` hand each file's state to `save(state_dict, path)` instead of
+    writing it; loads stay plain `torch.load`s (of files verified before)."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class TelepathyCheckpointEngine(CheckpointEngine):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.name = "TelepathyCheckpointEngine"
+
+        def create(self, info) -> None:
+            pass
+
+        def save(self, state_dict, path: str) -> None:
+            save(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=False)
+
+        def commit(self, info) -> bool:
+            return True
+
+    engine.checkpoint_engine = TelepathyCheckpointEngine()
+
+
+def repair_universal_load(engine: Any, universal: Path) -> list[str]:
+    """Undo two defects of DeepSpeed's ZeRO-3 universal load (0.19.8,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`); returns what it repaired.
+
+    1. It copies the hyperparameters of parameter group 0 onto every group ("generally the
+       same"), so parameters without weight decay (norms) would get group 0's weight decay.
+       The universal optimizer_state.pt keeps every group's values; they are reapplied by index.
+    2. It assigns one and the same `step` tensor to the Adam state of every group; AdamW
+       increments it in place once per group, so after the load Adam's step (and its bias
+       correction) advanced twice per optimizer step with two groups. Each group gets its own copy.
+
+    Both were found by comparing the full optimizer state and the losses with an uninterrupted
+    run (tests/integration/test_elastic.py). The file read here was verified before.
+    """
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    inner = engine.optimizer.optimizer
+    groups = inner.param_groups
+    if len(saved) != len(groups):
+        raise CheckpointError(f"{universal} has {len(saved)} optimizer parameter groups, the "
+                              f"model has {len(groups)}; resume with the original world size")
+    repaired = []
+    for i, (group, values) in enumerate(zip(groups, saved)):
+        values = {k: v for k, v in values.items() if k != "params"}
+        if any(group.get(k) != v for k, v in values.items()):
+            repaired.append(f"hyperparameters of group {i}")
+        group.update(values)
+    seen: set[int] = set()
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = inner.state.get(flat, {})
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                repaired.append("shared Adam step tensor")
+            seen.add(id(step))
+    return repaired
+
+
+# -- a step that ran out of memory -------------------------------------------------------------
+def step_counters(engine: Any) -> tuple[int, int]:
+    """DeepSpeed's (micro_steps, global_samples) before a step: what to rewind to."""
+    return engine.micro_steps, engine.global_samples
+
+
+def drop_partial_step(engine: Any, counters: tuple[int, int], micro_batch: int,
+                      global_batch: int, accum: int) -> None:
+    """Release what the failed micro-steps hold (gathered parameters, partial gradients), set the
+    new micro-batch, and rewind the counters so the step is retried from its start.
+
+    zero_grad makes the next backward overwrite, not add to, the gradient partitions.
+    """
+    engine.optimizer.parameter_offload.get_param_coordinator().reset_step()
+    engine.empty_partition_cache()
+    engine.optimizer.zero_grad()
+    engine.set_train_micro_batch_size(micro_batch)
+    engine.set_train_batch_size(global_batch)
+    micro_steps, samples = counters
+    engine.micro_steps = micro_steps - micro_steps % accum
+    engine.global_samples = samples
+
+
+# -- the full optimizer state, for tests ---------------------------------------------------------
+def full_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Collective under ZeRO-3: every parameter's full fp32 weight and Adam moments, and the
+    optimizer's group hyperparameters and Adam steps as metadata."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    tensors = {}
+    for name, param in engine.module.named_parameters():
+        tensors[f"{name}/fp32"] = safe_get_full_fp32_param(param)
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key)
+    inner = engine.optimizer.optimizer  # the client AdamW over this rank's fp32 partitions
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+    steps = [float(inner.state[p]["step"]) for p in engine.optimizer.fp32_partitioned_groups_flat
+             if "step" in inner.state.get(p, {})]
+    meta = {"param_groups": json.dumps(groups, sort_keys=True, default=str),
+            "adam_steps": json.dumps(steps)}
+    return tensors, meta

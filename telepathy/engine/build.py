@@ -1,0 +1,117 @@
+"""Build the model, its optimizer and LR schedule, and the DeepSpeed ZeRO-3 engine.
+
+The DeepSpeed config itself is plain data (`ds_config`); building goes through DeepSpeed's and
+transformers' public APIs only (internals are in `adapter.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+
+from ..config import Config
+from . import adapter
+from .schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+
+class Layout(Protocol):
+    """How the global batch is split (telepathy.plan.placement.Layout)."""
+
+    micro_batch: int
+    accum: int
+
+    @property
+    def global_batch(self) -> int: ...
+
+
+def precision(cfg: Config, cuda: bool) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+
+
+def ds_config(cfg: Config, layout: Layout, dtype: torch.dtype, offload: str = "none",
+              load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed configuration for ZeRO stage 3 with a client optimizer and scheduler.
+
+    `offload` (from the planner) moves optimizer, or optimizer and parameter, states to host
+    memory; `load_universal` reads a checkpoint converted for another world size.
+    """
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    }
+    if offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_optimization": zero,
+        "checkpoint": {"load_universal": load_universal},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _model_config(cfg: Config, dtype: torch.dtype):
+    from transformers import AutoConfig
+
+    m = cfg.model
+    return AutoConfig.for_model(
+        m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, tie_word_embeddings=False,
+        attention_dropout=0.0, use_cache=False, dtype=dtype)
+
+
+def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
+                 load_universal: bool = False):
+    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = precision(cfg, cuda)
+    conf = ds_config(cfg, layout, dtype, offload if cuda else "none", load_universal)
+    hf_ds = HfDeepSpeedConfig(conf)  # must stay alive while the model is built: enables zero.Init
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.pretrained_path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained_path, dtype=dtype,
+                                                     local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_config(_model_config(cfg, dtype), dtype=dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if len(adapter.full_shape(p)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                                  eps=cfg.train.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: lr_factor(s, cfg.train))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=conf)
+    del hf_ds
+    return engine
+
+
+def count_parameters(engine) -> int:
+    return sum(adapter.numel(p) for p in engine.module.parameters())

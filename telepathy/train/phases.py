@@ -1,0 +1,305 @@
+"""The set-up of a training process, phase by phase, each a named function.
+
+`resume.train` runs them in order: choose the device and the placement, start the process
+group, take the run lock, open the run's logs and record the launch, start the system monitor,
+find the newest valid checkpoint (and a universal copy of it for another world size), build the
+data stream and the engine, load the checkpoint, and hand over to the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..checkpoint.directory import Found
+from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.universal import universal_checkpoint
+from ..config import Config
+from ..config.trajectory import trajectory_changes
+from ..core.errors import ResumeRefused, RunLocked, TelepathyError
+from ..core.eventlog import EventLog
+from ..core.events import Event, Stamp, launches
+from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
+from ..core.paths import RunPaths
+from ..core.proc import CommandError
+from ..core.runlock import RunLock
+from ..engine import distributed
+from ..engine.distributed import Dist
+from ..plan.placement import Plan, plan, request_for
+from ..slurm import scontrol
+from ..slurm.env import DistEnv, SlurmEnv
+from ..watch.health import HealthLimits
+from ..watch.monitor import SystemMonitor
+from .data import TokenStream, generate_corpus, open_tokens, write_corpus
+
+log = logging.getLogger("telepathy.resume")
+
+
+# -- before any distributed work ---------------------------------------------------------------
+def check_inputs(cfg: Config, env: DistEnv) -> None:
+    """Everything that can be checked before any distributed or GPU work."""
+    if cfg.data.path is not None:
+        open_tokens(cfg.data.path, cfg.data.dtype)
+    if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
+        raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
+                             "config.json; point it at a local Hugging Face model directory")
+    make_plan(cfg, env.world_size, gpu_mem_gib=None)
+
+
+def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None) -> Plan:
+    """The placement of this run on `world_size` ranks (memory unchecked when None)."""
+    hf_config = None
+    if cfg.model.pretrained_path:
+        hf_config = json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
+    return plan(request_for(cfg, world_size, gpu_mem_gib, hf_config))
+
+
+@dataclass(frozen=True)
+class Device:
+    cuda: bool
+    gpu_mem_gib: float | None
+    """Memory of this rank's GPU; None on CPU."""
+
+
+def choose_device(cfg: Config, env: DistEnv) -> Device:
+    """CUDA when there is a GPU, else CPU; deterministic kernels when the config asks."""
+    import torch
+
+    from ..plan.memory import GiB
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=cuda)
+    gpu_mem = torch.cuda.get_device_properties(env.local_rank).total_memory / GiB if cuda else None
+    return Device(cuda, gpu_mem)
+
+
+# -- the allocation's resources ----------------------------------------------------------------
+@contextmanager
+def process_group(env: DistEnv, device: Device) -> Iterator[Dist]:
+    try:
+        yield distributed.start(env.rank, env.world_size, env.local_rank, env.master_addr,
+                                env.master_port, device.cuda)
+    finally:
+        distributed.stop()
+
+
+@contextmanager
+def run_lock(dist: Dist, paths: RunPaths, slurm: SlurmEnv) -> Iterator[RunLock]:
+    """Rank 0 takes the run lock; every rank learns whether it got it."""
+    lock = RunLock(paths.lock, slurm.job_id)
+    refused = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except RunLocked as exc:
+            refused = str(exc)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise RunLocked(refused)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@dataclass
+class RunLogs:
+    events: EventLog
+    metrics: JsonlWriter | NullWriter
+    restart: int
+    """How many allocations started before this one."""
+
+
+@contextmanager
+def run_logs(dist: Dist, paths: RunPaths, slurm: SlurmEnv) -> Iterator[RunLogs]:
+    """events.jsonl and metrics.jsonl (written by rank 0); every event stamped with this
+    allocation's restart index, job id and world size. A failure is recorded as an error event."""
+    restart = dist.broadcast_object(launches(list(read_jsonl(paths.events)))
+                                    if dist.is_main else None)
+    writer = JsonlWriter(paths.events) if dist.is_main else NullWriter()
+    events = EventLog(writer, Stamp(restart, slurm.job_id, dist.world_size))
+    metrics = JsonlWriter(paths.metrics) if dist.is_main else NullWriter()
+    try:
+        yield RunLogs(events, metrics, restart)
+    except BaseException as exc:
+        events.emit(Event.ERROR, error=type(exc).__name__, message=str(exc)[:2000])
+        raise
+    finally:
+        events.close()
+        metrics.close()
+
+
+def job_logs(slurm: SlurmEnv) -> dict[str, str]:
+    """Where SLURM writes this job's output, for the tail tool; empty outside SLURM."""
+    if not slurm.in_job:
+        return {}
+    try:
+        job = scontrol.show_job(slurm.job_id)
+    except CommandError as exc:
+        log.warning("could not ask SLURM for the job's log files: %s", exc)
+        return {}
+    return {k.lower(): job[k] for k in ("StdOut", "StdErr") if job.get(k)}
+
+
+def time_left(slurm: SlurmEnv) -> float | None:
+    """Seconds until SLURM ends this job (its EndTime: the limit, or the end of a preemption's
+    grace time); None outside SLURM or when unknown."""
+    from datetime import datetime
+
+    if not slurm.in_job:
+        return None
+    try:
+        end = scontrol.show_job(slurm.job_id, timeout_s=5).get("EndTime", "")
+        return (datetime.fromisoformat(end) - datetime.now()).total_seconds()
+    except (CommandError, ValueError):
+        return None
+
+
+def record_launch(events: EventLog, dist: Dist, env: DistEnv, slurm: SlurmEnv, device: Device,
+                  placement: Plan) -> None:
+    layout = placement.layout
+    events.emit(Event.LAUNCH, launcher=env.launcher, slurm_restart_count=slurm.restart_count,
+                device="cuda" if device.cuda else "cpu", micro_batch=layout.micro_batch,
+                accum=layout.accum, global_batch=layout.global_batch, offload=placement.offload,
+                plan_mem_gib=round(placement.memory.peak_gib, 2), gpu_mem_gib=device.gpu_mem_gib,
+                plan_notes=list(placement.notes), pid=os.getpid(), host=socket.gethostname(),
+                **(job_logs(slurm) if dist.is_main else {}))
+    for note in placement.notes:
+        log.warning("placement: %s", note)
+
+
+@contextmanager
+def system_monitor(cfg: Config, env: DistEnv, paths: RunPaths) -> Iterator[SystemMonitor | None]:
+    """GPU and host samples, one sampler per node (local rank 0), unless monitor.interval_s=0."""
+    monitor = None
+    if env.local_rank == 0 and cfg.monitor.interval_s > 0:
+        limits = HealthLimits(cfg.monitor.low_util_pct, cfg.monitor.low_util_window_s,
+                              cfg.monitor.high_mem_pct)
+        monitor = SystemMonitor(paths.system(socket.gethostname()), paths.root,
+                                cfg.monitor.interval_s, limits).start()
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.stop()
+
+
+# -- the checkpoint to resume from -------------------------------------------------------------
+def check_resumable(found: Found, cfg: Config, force: bool) -> list[str]:
+    """Refuse a resume that would change the trajectory; return the changes --force lets through.
+
+    A different world size is not such a change: the planner keeps the global batch.
+    """
+    changes = trajectory_changes(found.state["config"], cfg.to_dict())
+    if changes and not force:
+        raise ResumeRefused(
+            f"the config differs from checkpoint {found.path.name} in ways that change the "
+            f"training trajectory: {'; '.join(changes)}. Restore those values, or pass --force "
+            "to resume anyway (the run will no longer match an uninterrupted one)")
+    return changes
+
+
+@dataclass
+class Resumable:
+    found: Found | None
+    universal: Path | None
+    """Its verified universal copy, when it was written by another world size."""
+    verify_s: float
+
+
+def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths, dist: Dist,
+                    events: EventLog, force: bool) -> Resumable:
+    """Collective: the newest valid checkpoint (damaged ones set aside, leftovers pruned), checked
+    against the config, with a universal copy if the world size changed."""
+    started = time.time()
+    found, rejected = checkpoints.newest_valid()
+    for item in rejected:
+        log.warning("skipping checkpoint %s: %s", item["checkpoint"], "; ".join(item["problems"]))
+        events.emit(Event.CHECKPOINT_REJECTED, **item)
+    if dist.is_main:  # no save is in flight (we hold the run lock)
+        checkpoints.set_aside(rejected)
+        checkpoints.prune()
+    verify_s = time.time() - started
+    if found is None:
+        return Resumable(None, None, verify_s)
+    changes = check_resumable(found, cfg, force)
+    if changes:
+        log.warning("resuming with --force despite changes: %s", "; ".join(changes))
+        events.emit(Event.CONFIG_FORCED, changes=changes)
+    universal = None
+    if found.state["world_size"] != dist.world_size:
+        universal, done = universal_checkpoint(found, paths, dist)
+        log.info("checkpoint %s was written by %d ranks, this job has %d: %s universal copy %s",
+                 found.path.name, found.state["world_size"], dist.world_size,
+                 "using the cached" if done["cached"] else "converted to a", universal)
+        events.emit(Event.WORLD_SIZE_CHANGED, step=found.step,
+                    from_world_size=found.state["world_size"], to_world_size=dist.world_size,
+                    **done)
+    return Resumable(found, universal, verify_s)
+
+
+# -- data, engine, and where to start ------------------------------------------------------------
+def token_stream(cfg: Config, paths: RunPaths, dist: Dist) -> TokenStream:
+    """The run's data: data.path, or a synthetic corpus made once in the run directory."""
+    path = cfg.data.path
+    if path is None:
+        corpus = paths.synthetic_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
+                                        cfg.data.seed)
+        if dist.is_main and not corpus.exists():
+            write_corpus(corpus, generate_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
+                                                 cfg.data.seed))
+        dist.barrier()
+        path = corpus
+    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed,
+                       cfg.model.vocab_size)
+
+
+def write_effective_config(cfg: Config, paths: RunPaths, dist: Dist) -> None:
+    if dist.is_main:
+        paths.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where training starts: step, training time so far, data position."""
+
+    step: int = 0
+    train_time_s: float = 0.0
+    samples_seen: int | None = None
+
+
+def restore(checkpoints: CheckpointManager, engine: Any, resumable: Resumable, cfg: Config,
+            events: EventLog, restart: int, parameters: int, placement: Plan, dist: Dist,
+            paths: RunPaths) -> Start:
+    """Collective: load the checkpoint into the engine, or record a new run."""
+    found = resumable.found
+    if found is None:
+        layout = placement.layout
+        log.info("starting a new run in %s: %d parameters, world %d, micro %d x accum %d, "
+                 "offload %s, planned memory %.1f GiB per GPU", paths.root, parameters,
+                 dist.world_size, layout.micro_batch, layout.accum, placement.offload,
+                 placement.memory.peak_gib)
+        events.emit(Event.START, step=0, parameters=parameters)
+        return Start()
+    load_started = time.time()
+    checkpoints.load(engine, found, resumable.universal, cfg.train.seed)
+    load_s = time.time() - load_started
+    log.info("resumed from %s (step %d), restart %d; verified in %.2f s, loaded in %.2f s",
+             found.path.name, found.step, restart, resumable.verify_s, load_s)
+    events.emit(Event.RESUME, step=found.step, checkpoint=found.path.name,
+                verify_s=round(resumable.verify_s, 3), load_s=round(load_s, 3))
+    return Start(found.step, found.state.get("train_time_s", 0.0), found.state.get("samples_seen"))

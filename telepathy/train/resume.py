@@ -1,0 +1,106 @@
+"""`telepathy resume` (`python -m telepathy.resume`): start a run, or resume it from its newest
+valid checkpoint.
+
+The same command does both, as one process (world size 1), under `torchrun`, or under `srun`.
+Exit status (telepathy.core.exits): 0 finished, `preemption.exit_code` (75) saved and ready to
+requeue, 2 bad input, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from contextlib import ExitStack
+
+from ..config import Config, PreemptionConfig, load_config
+from ..core import exits, logs
+from ..core.errors import TelepathyError
+from ..core.paths import RunPaths
+from ..slurm.env import DistEnv, SlurmEnv
+from ..testing.faults import FaultPlan
+from ..testing.statedump import StateDump
+from .signals import PreemptionFlag
+
+log = logging.getLogger("telepathy.resume")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="telepathy resume", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=200")
+    p.add_argument("--force", action="store_true",
+                   help="resume even if the config changes the training trajectory")
+    return p.parse_args(argv)
+
+
+def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: PreemptionFlag,
+          force: bool, faults: FaultPlan, dump: StateDump = StateDump()) -> int:
+    """The set-up phases (phases.py) in order, then the training loop; the exit code."""
+    from ..checkpoint import rng
+    from ..checkpoint.manager import CheckpointManager
+    from ..engine.build import build_engine, count_parameters
+    from . import phases
+    from .steps import EngineSteps
+    from .trainer import RunInfo, Trainer
+
+    device = phases.choose_device(cfg, env)
+    placement = phases.make_plan(cfg, env.world_size, device.gpu_mem_gib)
+    with ExitStack() as stack:
+        dist = stack.enter_context(phases.process_group(env, device))
+        logs.set_rank(dist.rank)
+        stack.enter_context(phases.run_lock(dist, paths, slurm))
+        run_logs = stack.enter_context(phases.run_logs(dist, paths, slurm))
+        info = RunInfo(restart=run_logs.restart, job_id=slurm.job_id, launched_at=time.time())
+        phases.record_launch(run_logs.events, dist, env, slurm, device, placement)
+        stack.enter_context(phases.system_monitor(cfg, env, paths))
+        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
+                                        async_save=cfg.checkpoint.async_save)
+        resumable = phases.find_checkpoint(checkpoints, cfg, paths, dist, run_logs.events, force)
+        phases.write_effective_config(cfg, paths, dist)
+        stream = phases.token_stream(cfg, paths, dist)
+        engine = build_engine(cfg, placement.layout, device.cuda, placement.offload,
+                              load_universal=resumable.universal is not None)
+        checkpoints.attach(engine)
+        parameters = count_parameters(engine)
+        # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
+        checkpoints.estimate_bytes = 16 * parameters
+        rng.seed_all(cfg.train.seed + dist.rank)
+        start = phases.restore(checkpoints, engine, resumable, cfg, run_logs.events,
+                               run_logs.restart, parameters, placement, dist, paths)
+        trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream,
+                          placement.layout, checkpoints, flag, run_logs.metrics, run_logs.events,
+                          info, faults, time_left=lambda: phases.time_left(slurm), dump=dump)
+        dump.after_load(engine, dist, start.step)
+        return trainer.run(start.step, start.train_time_s, start.samples_seen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Handlers first, for the default signals, before anything slow: a signal during start-up
+    # (config, imports, model build) is kept for the first step boundary, not lost. This module
+    # imports nothing heavy at its top for the same reason.
+    with PreemptionFlag(PreemptionConfig().signals) as flag:
+        env = DistEnv.from_mapping(os.environ)
+        logs.configure(env.rank)
+        args = parse_args(argv)
+        try:
+            from . import phases
+
+            cfg = load_config(args.config, args.set)
+            flag.watch(cfg.preemption.signals)
+            phases.check_inputs(cfg, env)
+            return train(cfg, RunPaths.at(args.run_dir), env, SlurmEnv.from_mapping(os.environ),
+                         flag, args.force, FaultPlan.from_mapping(os.environ),
+                         StateDump.from_mapping(os.environ))
+        except TelepathyError as exc:
+            log.error("%s", exc)
+            return exits.BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

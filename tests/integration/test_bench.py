@@ -1,0 +1,34 @@
+"""The benchmarks' --smoke modes, as CI runs them: they run, and their JSON holds every figure.
+(Speed goals are judged from the full benchmark runs, never asserted here.)"""
+
+import json
+import subprocess
+import sys
+
+from tests.support import ROOT
+
+
+def smoke(module: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", module, "--smoke"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_checkpoint_benchmark_smoke():
+    result, = smoke("bench.checkpoint")["results"]
+    assert result["model"] == "tiny" and result["world_size"] == 1 and result["bytes"] > 0
+    for key in ("disk_write_fsync_s", "disk_read_s", "torch_save_s", "deepspeed_save_s",
+                "deepspeed_load_s", "telepathy_sync_save_s", "telepathy_async_stall_s",
+                "telepathy_async_total_s", "telepathy_verify_s", "telepathy_load_s"):
+        assert result["seconds"][key] > 0, key
+    assert set(result["ratios"]) >= {"telepathy_save_vs_disk_limit", "async_stall_vs_sync_save",
+                                     "verified_vs_unverified_load",
+                                     "telepathy_sync_save_vs_deepspeed_save"}
+
+
+def test_memory_model_benchmark_smoke():
+    rows = smoke("bench.memory_model")["rows"]
+    assert [r["device"] for r in rows].count("h100 (recorded)") == 6
+    cpu, = [r for r in rows if r["device"] == "cpu"]
+    assert cpu["measured_gib"] > 0 and cpu["model_gib"] > 0

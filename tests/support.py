@@ -1,0 +1,206 @@
+"""What the tests share: driving real training processes (start, signal, kill, read what they
+wrote), damaging files, comparing losses and optimizer states, and jobs on the local SLURM
+cluster. Test files import this module, never each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from telepathy.config import load_config
+from telepathy.core.jsonl import last_per_step, read_jsonl, wait_for_step
+from telepathy.core.paths import RunPaths
+from telepathy.slurm import scontrol
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
+# Short runs for tests: 60 steps, a checkpoint every 20.
+SETS = ["train.steps=60", "checkpoint.every_steps=20", "train.log_every=20"]
+TIMEOUT_S = 300
+
+_seed = int(os.environ.get("TELEPATHY_TEST_SEED", time.time_ns() % 2**31))
+print(f"TELEPATHY_TEST_SEED={_seed}", file=sys.stderr)
+RNG = random.Random(_seed)
+
+
+def command(run_dir: Path, world: int = 1, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+    launcher = [sys.executable, "-m", "telepathy.resume"]
+    if world > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={world}", "-m", "telepathy.resume"]
+    cmd = launcher + ["--config", CONFIG, "--run-dir", str(run_dir)]
+    for s in [*SETS, *sets]:
+        cmd += ["--set", s]
+    return cmd + list(extra)
+
+
+def start(run_dir: Path, world: int = 1, sets: list[str] = (), env: dict | None = None,
+          extra: list[str] = ()) -> subprocess.Popen:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
+    return subprocess.Popen(command(run_dir, world, sets, extra), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def run(run_dir: Path, world: int = 1, sets: list[str] = (), env: dict | None = None,
+        extra: list[str] = ()) -> int:
+    return finish(start(run_dir, world, sets, env, extra))
+
+
+def interrupt(run_dir: Path, after_step: int, world: int = 1, sets: list[str] = (),
+              env: dict | None = None) -> tuple[int, int]:
+    """Start (or resume) a run, send SIGTERM once it logged `after_step`; return (rc, step seen).
+
+    The step waited for is one this process logs itself (past any step already in the file).
+    """
+    logged = [r["step"] for r in metrics(run_dir)] if run_dir.exists() else []
+    after_step = max([after_step, *(s + 1 for s in logged)])
+    proc = start(run_dir, world, sets, env)
+    seen = wait_for_step(RunPaths.at(run_dir).metrics, after_step, TIMEOUT_S,
+                         lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+    return finish(proc), seen
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {s: r["loss"] for s, r in last_per_step(list(read_jsonl(RunPaths.at(run_dir).metrics))).items()}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return list(read_jsonl(RunPaths.at(run_dir).metrics))
+
+
+def events(run_dir: Path, name: str | None = None) -> list[dict]:
+    return [e for e in read_jsonl(RunPaths.at(run_dir).events) if name in (None, e.get("event"))]
+
+
+def log_text(run_dir: Path) -> str:
+    return (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
+
+
+# -- what a checkpoint holds, and damaging it ------------------------------------------------------
+MODEL, OPTIM = "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+RANK_STATE, STATE = "telepathy/rank_00000.safetensors", "telepathy/state.json"
+
+
+def damage(path, how):
+    """Flip one random bit, cut the file in half, or delete it."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        at = RNG.randrange(len(data))
+        data[at] ^= 0x01 << RNG.randrange(8)
+        path.write_bytes(bytes(data))
+    elif how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.unlink()
+
+
+# -- comparing runs ------------------------------------------------------------------------------
+RTOL = 1e-5
+
+
+def assert_same_losses(run_dir, reference):
+    got = losses(run_dir)
+    assert sorted(got) == sorted(reference), "the resumed run did not log every step"
+    differ = [(s, reference[s], got[s]) for s in reference if got[s] != reference[s]]
+    assert not differ, f"losses differ from the uninterrupted run at (step, ref, got): {differ[:5]}"
+
+
+def assert_close_losses(got, ref, exact_until):
+    assert sorted(got) == sorted(ref), "the run did not log every step"
+    exact = [s for s in ref if s <= exact_until and got[s] != ref[s]]
+    assert not exact, f"losses before the first world-size change differ: {exact[:5]}"
+    far = [(s, ref[s], got[s]) for s in ref if abs(got[s] - ref[s]) > RTOL * abs(ref[s])]
+    assert not far, f"losses differ by more than {RTOL} relative at (step, ref, got): {far[:5]}"
+
+
+def assert_same_state(saved, loaded):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    a, b = load_file(saved), load_file(loaded)
+    assert sorted(a) == sorted(b) and len(a) > 0
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"optimizer state changed across the world-size change: {differ[:5]}"
+    with safe_open(saved, "pt") as f, safe_open(loaded, "pt") as g:
+        groups = json.loads(f.metadata()["param_groups"])
+        assert json.loads(g.metadata()["param_groups"]) == groups
+        steps = json.loads(f.metadata()["adam_steps"])
+        assert json.loads(g.metadata()["adam_steps"]) == steps
+    assert [grp["weight_decay"] for grp in groups] == [0.1, 0.0]  # not all group 0's
+    assert len(steps) == 2 and len(set(steps)) == 1
+
+
+# -- a telepathy job on the local SLURM cluster ------------------------------------------------------
+SCRIPT = str(ROOT / "slurm" / "preemptible.slurm")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE")
+
+
+class Job:
+    """A telepathy job on the local SLURM cluster, submitted with slurm/preemptible.slurm."""
+
+    def __init__(self, cluster, tmp_path, sets=(), gpus=1, sbatch_args=(), env=None, name="run",
+                 run_dir=None, job_id=None):
+        """Submit a job, or (with `job_id`) follow one submitted otherwise with these files."""
+        self.cluster = cluster
+        self.run_dir = run_dir or tmp_path / name
+        self.config = tmp_path / f"{name}.yaml"
+        cfg = load_config(CONFIG, [*SETS, *sets])
+        self.config.write_text(yaml.safe_dump(cfg.to_dict()))
+        self.env = {**cluster.env(), "TELEPATHY_CONFIG": str(self.config),
+                    "TELEPATHY_RUN_DIR": str(self.run_dir), **(env or {})}
+        self.out = tmp_path / f"{name}.out"
+        self.err = tmp_path / f"{name}.err"
+        self.id = job_id or scontrol.sbatch(
+            SCRIPT, [f"--gpus-per-node=h100:{gpus}", f"--output={self.out}", f"--error={self.err}",
+                     *sbatch_args], env=self.env, cwd=str(ROOT))
+
+    def state(self):
+        return scontrol.job_state(self.id, env=self.cluster.env())
+
+    def wait_step(self, step, timeout=240):
+        return wait_for_step(self.run_dir / "metrics.jsonl", step, timeout)
+
+    def wait_restarts(self, restarts, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state, count = self.state()
+            if count >= restarts:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {self.id} did not reach {restarts} restarts: {self.state()}")
+
+    def wait_end(self, timeout=420):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state, restarts = self.state()
+            if state in ENDED:
+                return state, restarts
+            time.sleep(1)
+        raise TimeoutError(f"job {self.id} still {self.state()} after {timeout} s\n{self.logs()}")
+
+    def term(self):
+        scontrol.scancel(self.id, signal="TERM", env=self.cluster.env())
+
+    def logs(self):
+        return (self.out.read_text(errors="replace") if self.out.exists() else "") + \
+               (self.err.read_text(errors="replace") if self.err.exists() else "")

@@ -1,0 +1,67 @@
+import pytest
+
+from telepathy.config import Config, config_from_dict, load_config, trajectory_changes
+from telepathy.core.errors import ConfigError
+
+TINY = "configs/tiny-cpu.yaml"
+
+
+def test_tiny_config_loads_and_round_trips():
+    cfg = load_config(TINY)
+    assert cfg.model.arch == "llama" and cfg.checkpoint.keep >= 2
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_production_config_loads():
+    cfg = load_config("configs/llama-1b-h100.yaml")
+    assert cfg.model.dtype == "bfloat16" and cfg.slurm.gpus_per_node == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown key train.stepz in train; valid keys: steps, global_batch"),
+    ("bogus.x=1", "unknown key bogus in the top level; valid keys: model, data, train"),
+    ("train.steps=ten", "train.steps='ten' has the wrong type: expected int"),
+    ("train.lr=true", "train.lr=True has the wrong type: expected float"),
+    ("checkpoint.keep=1", "checkpoint.keep=1 is invalid: keep at least 2"),
+    ("model.num_kv_heads=3", "model.num_kv_heads=3 is invalid: must divide model.num_heads=4"),
+    ("preemption.signals=[SIGTERN]", "preemption.signals='SIGTERN' is invalid: use signal names"),
+    ("data.seq_len=4096", "data.seq_len=4096 is invalid: must be <= model.max_seq_len=128"),
+    ("placement.micro_batch_sizes=4", "has the wrong type: expected list (e.g. [1, 2])"),
+    ("train.steps", "is not of the form section.key=value"),
+])
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=".*".join(map(__import__("re").escape, message.split("*")))):
+        load_config(TINY, [override])
+
+
+def test_overrides_are_typed_by_yaml():
+    cfg = load_config(TINY, ["train.steps=700", "train.lr=1e-3", "data.path=/x/tokens.npy",
+                             "placement.micro_batch_sizes=[2, 1]"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.data.path) == (700, 1e-3, "/x/tokens.npy")
+    assert cfg.placement.micro_batch_sizes == [2, 1]
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; pass --config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("model", "hidden_size", 128), ("data", "seed", 9), ("train", "seed", 5),
+    ("train", "global_batch", 16), ("train", "lr", 0.5), ("train", "steps", 1000),
+])
+def test_trajectory_changes_are_detected(section, key, value):
+    base = Config().to_dict()
+    changed = Config().to_dict()
+    old = changed[section][key]
+    changed[section][key] = value
+    assert trajectory_changes(base, changed) == [f"{section}.{key}: {old!r} -> {value!r}"]
+
+
+def test_checkpoint_and_placement_changes_do_not_break_resume():
+    base = Config().to_dict()
+    changed = Config().to_dict()
+    changed["checkpoint"]["every_steps"] = 5
+    changed["placement"]["micro_batch_sizes"] = [1]
+    changed["train"]["log_every"] = 1
+    assert trajectory_changes(base, changed) == []

@@ -1,0 +1,78 @@
+"""The run-directory contract: every event is defined once, stamped in one place, and
+documented in the README; exit codes are defined once."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from telepathy.config.schema import PreemptionConfig
+from telepathy.core import exits
+from telepathy.core.events import EVENTS, METRICS_FIELDS, Event, SaveResult, Stamp
+from tests.support import ROOT
+
+PACKAGE = ROOT / "telepathy"
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_every_event_is_documented_in_the_readme_and_nothing_else_is():
+    section = readme_section("A run directory")
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    assert documented == {e.value for e in Event}, (
+        f"undocumented: {sorted({e.value for e in Event} - documented)}; "
+        f"documented but not an event: {sorted(documented - {e.value for e in Event})}")
+    assert set(EVENTS) == set(Event)
+    for column in METRICS_FIELDS:
+        assert column in section, f"metrics.jsonl column {column} is not in the README"
+
+
+def _event_keys(path: Path) -> list[int]:
+    """Lines of dict literals with an "event" key: events written past the contract."""
+    tree = ast.parse(path.read_text())
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Dict)
+            and any(isinstance(k, ast.Constant) and k.value == "event" for k in node.keys)]
+
+
+def test_events_are_written_only_through_the_contract():
+    offenders = {str(p.relative_to(ROOT)): lines for p in PACKAGE.rglob("*.py")
+                 if p != PACKAGE / "core" / "events.py" and (lines := _event_keys(p))}
+    assert not offenders, f"events built by hand instead of Stamp.record: {offenders}"
+
+
+def test_every_event_is_emitted_somewhere():
+    code = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py")
+                     if p != PACKAGE / "core" / "events.py")
+    unused = [e.name for e in Event if f"Event.{e.name}" not in code and e.name != "CHECKPOINT_SAVED"
+              and e.name != "CHECKPOINT_FAILED"]
+    assert not unused, f"events defined but never emitted: {unused}"
+    assert "result.event" in code  # checkpoint_saved / checkpoint_failed come from SaveResult
+
+
+def test_a_stamp_refuses_an_unknown_event_and_stamps_the_rest():
+    stamp = Stamp(restart=2, job_id="17", world_size=4)
+    with pytest.raises(ValueError, match="unknown event 'checkpoint_savd'"):
+        stamp.record("checkpoint_savd")
+    assert stamp.record(Event.FINISHED, now=5.0, step=9) == {
+        "event": "finished", "time": 5.0, "restart": 2, "job_id": "17", "world_size": 4, "step": 9}
+
+
+def test_a_save_result_is_one_of_two_events():
+    ok = SaveResult(3, "final", "step_00000003", 0.1, 0.2, bytes=10, files=2)
+    bad = SaveResult(3, "final", "step_00000003", 0.1, 0.2, error="rank 1: OSError")
+    assert (ok.event, bad.event) == (Event.CHECKPOINT_SAVED, Event.CHECKPOINT_FAILED)
+    assert "error" not in ok.fields() and "bytes" not in bad.fields()
+
+
+def test_exit_codes_are_defined_once():
+    assert PreemptionConfig().exit_code == exits.PREEMPTED == 75
+    literal = re.compile(r"\breturn (0|1|2|75)$", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+                 if p.parent.name != "core" and literal.search(p.read_text())]
+    assert not offenders, f"exit codes as literals instead of telepathy.core.exits: {offenders}"
