@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any] | None:
-    """The manifest of a checkpoint directory; None when it is missing or damaged."""
+    """The manifest of a checkpoint directory; None when it is missing or damaged (a flipped
+    byte can also make it invalid UTF-8)."""
     try:
-        return parse_manifest((ckpt / MANIFEST).read_text())
-    except OSError:
+        return parse_manifest((ckpt / MANIFEST).read_bytes().decode())
+    except (OSError, ValueError):
         return None
 
 
@@ -68,7 +69,8 @@ def prune(paths: RunPaths, keep: int, check: Callable[[Path], bool] | None = Non
     of checkpoints that are gone. Returns the names deleted, oldest first.
 
     Fewer than `keep` passing checkpoints: no complete checkpoint is deleted. A complete one that
-    fails `check` but is newer than the oldest kept stays, for inspection.
+    fails `check` but is newer than the oldest kept stays, for inspection, and so does one whose
+    manifest exists but is damaged (resume moves it to rejected/).
     """
     found = candidates(paths.checkpoints)
     complete = [(s, p) for s, p in found if is_complete(p)]
@@ -82,8 +84,8 @@ def prune(paths: RunPaths, keep: int, check: Callable[[Path], bool] | None = Non
             kept.append(step)
     oldest_kept = kept[-1] if len(kept) == keep else -1
     newest = complete[0][0]
-    doomed = [p for s, p in complete if s < oldest_kept] + \
-             [p for s, p in found if (s, p) not in complete and s < newest]
+    leftovers = [p for s, p in found if not (p / MANIFEST).exists() and s < newest]
+    doomed = [p for s, p in complete if s < oldest_kept] + leftovers
     for ckpt in sorted(doomed):
         remove(ckpt, faults, rank)
     if doomed:

@@ -44,8 +44,8 @@ from .writer import PinnedPool, Writer
 log = logging.getLogger(__name__)
 
 
-class Dist(Protocol):
-    """The collectives a save and a load need (telepathy.engine.distributed.Dist)."""
+class Collective(Protocol):
+    """The collectives a save and a load need (telepathy.engine.distributed.Dist has them)."""
 
     rank: int
     world_size: int
@@ -66,7 +66,7 @@ def fits(free_bytes: int, needed_bytes: int, margin: float = 1.1) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, paths: RunPaths, dist: Dist, keep: int, faults: FaultPlan = FaultPlan(),
+    def __init__(self, paths: RunPaths, dist: Collective, keep: int, faults: FaultPlan = FaultPlan(),
                  estimate_bytes: int = 0, async_save: bool = True):
         self.paths = paths
         self.dist = dist
@@ -101,8 +101,8 @@ class CheckpointManager:
         """Collective: (fits, free bytes, needed bytes) for the next checkpoint, rank 0's view."""
         verdict = None
         if self.dist.is_main:
-            steps = directory.complete_steps(self.paths.checkpoints)
-            manifest = read_manifest(self.paths.checkpoint(steps[-1])) if steps else None
+            manifests = (read_manifest(p) for _, p in directory.candidates(self.paths.checkpoints))
+            manifest = next((m for m in manifests if m is not None), None)  # the newest complete
             needed = manifest["bytes"] if manifest else self.estimate_bytes
             free = shutil.disk_usage(self.paths.root).free
             verdict = (fits(free, needed), free, needed)

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..core import proc
 from ..core.errors import CheckpointError
 from ..core.fsutil import fsync_dir, write_json_atomic
 from ..core.paths import RunPaths
+from ..engine import adapter
 from .directory import Found, read_manifest
 from .hashing import HASH_THREADS, Collective, hash_file, list_files, verify_across
 from .manifest import FORMAT, MANIFEST, seal
@@ -64,11 +64,8 @@ def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
             shutil.rmtree(leftover)
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-           "--input_folder", str(found.path), "--output_folder", str(tmp),
-           "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     try:
-        proc.run(cmd, timeout=CONVERT_TIMEOUT_S)
+        proc.run(adapter.universal_command(found.path, tmp, workers), timeout=CONVERT_TIMEOUT_S)
     except proc.CommandError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -76,7 +73,7 @@ def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
             f"Free disk space if that was the cause, or resume with the original world size "
             f"({found.state['world_size']} GPU(s))") from None
     finally:
-        (target.parent / "latest_universal").unlink(missing_ok=True)  # never trusted, never left
+        (target.parent / adapter.LATEST_UNIVERSAL).unlink(missing_ok=True)  # never trusted
     converted = time.time()
     files = list_files(tmp)
     with ThreadPoolExecutor(HASH_THREADS) as pool:

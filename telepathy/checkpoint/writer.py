@@ -2,7 +2,7 @@
 
 DeepSpeed keeps writing its own ZeRO-3 layout and hands each file's state to telepathy through
 its checkpoint-engine hook (installed by `telepathy.engine.adapter`), which calls
-`Writer.snapshot`: the state is copied to host memory (CUDA: into pinned buffers reused from save
+`Writer.snapshot_file`: the state is copied to host memory (CUDA: into pinned buffers reused from save
 to save; CPU: a copy) and the file is queued; `Writer` threads serialise the snapshots with
 torch.save straight into `HashingFile`s (hashed in the same pass, fsynced), several files at
 once. The training loop waits only for the copies.

@@ -53,7 +53,8 @@ EVENTS: dict[Event, tuple[str, str]] = {
     Event.CONFIG_FORCED: ("resumed with --force despite trajectory changes", "changes"),
     Event.WORLD_SIZE_CHANGED: ("the checkpoint was written by another world size; a universal "
                                "copy is used", "step, from_world_size, to_world_size, cached, "
-                               "verify_s | convert_s, hash_s, bytes, rebuilt_after"),
+                               "then verify_s (cached) or convert_s, hash_s, bytes (converted), "
+                               "rebuilt_after (a damaged cache)"),
     Event.CHECKPOINT_STARTED: ("a save began (the snapshot)", "step, reason"),
     Event.CHECKPOINT_SAVED: ("a save is complete: its manifest is durable",
                              "step, reason, checkpoint, stall_s, write_s, persist_s, seconds, "

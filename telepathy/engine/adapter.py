@@ -3,7 +3,10 @@
 A DeepSpeed upgrade should touch this file and nothing else. Each function names what it relies
 on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with gloo):
 
-- `init_distributed`: `deepspeed.ops.__compatible_ops__` (skip a shared-memory op's JIT build);
+- `use_cpu_accelerator`, `init_distributed`: `DS_ACCELERATOR`, and
+  `deepspeed.ops.__compatible_ops__` (skip a shared-memory op's JIT build);
+- `universal_command`, `LATEST_UNIVERSAL`: the command line of DeepSpeed's `ds_to_universal` and
+  the pointer file it leaves;
 - `install_checkpoint_engine`, `zipped_serialization`: the checkpoint-engine hook
   (`engine.checkpoint_engine`, `CheckpointEngine`) and `engine._config.checkpoint_config`;
 - `step_counters`, `drop_partial_step`: the micro-step counters and the ZeRO-3 parameter
@@ -17,6 +20,8 @@ on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with g
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,11 @@ from typing import Any
 import torch
 
 from ..core.errors import CheckpointError
+
+
+def use_cpu_accelerator() -> None:
+    """Make DeepSpeed run on the CPU (before it is imported: it picks its accelerator then)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def init_distributed(backend: str) -> None:
@@ -46,6 +56,17 @@ def full_shape(param: torch.nn.Parameter) -> torch.Size:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+LATEST_UNIVERSAL = "latest_universal"
+"""The pointer file ds_to_universal writes beside its output (never trusted, removed)."""
+
+
+def universal_command(source: Path, target: Path, workers: int) -> list[str]:
+    """DeepSpeed's converter of a ZeRO checkpoint to the universal format (any world size)."""
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(source), "--output_folder", str(target),
+            "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+
+
 def zipped_serialization(engine: Any) -> bool:
     """Whether DeepSpeed's config asks for torch's zip serialization of checkpoint files."""
     return bool(engine._config.checkpoint_config.get("checkpoint_serialization", True))

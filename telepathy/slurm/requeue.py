@@ -68,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                       cfg.preemption.max_restarts, cfg.preemption.crash_loop_limit,
                       cfg.preemption.exit_code)
     paths.root.mkdir(parents=True, exist_ok=True)
-    world = of_kind(history, Event.LAUNCH)[-1].get("world_size") if launches(history) else None
-    events = EventLog(JsonlWriter(paths.events),
-                      Stamp(max(0, launches(history) - 1), slurm.job_id, world))
+    # Stamped as the allocation that ends: its launch, or (it never launched) the next index.
+    if mine:
+        stamp = Stamp(launches(history) - 1, slurm.job_id, mine[0].get("world_size"))
+    else:
+        stamp = Stamp(launches(history), slurm.job_id, None)
+    events = EventLog(JsonlWriter(paths.events), stamp)
     events.emit(Event.ALLOCATION_END, **ended.fields())
     outcome = {**ended.fields(), "cause": cause, "reason": decision.reason,
                "signal": signals[-1].get("signal") if signals else None}
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("scontrol requeue failed: %s; resubmit with the same TELEPATHY_RUN_DIR to "
                   "resume", exc)
         return exit_code
-    return exits.FINISHED
+    return exits.OK
 
 
 if __name__ == "__main__":

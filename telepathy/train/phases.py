@@ -1,6 +1,7 @@
 """The set-up of a training process, phase by phase, each a named function.
 
-`resume.train` runs them in order: choose the device and the placement, start the process
+`resume.train` runs them in order (after `inputs.check_inputs`, which needs no torch): choose the
+device and the placement, start the process
 group, take the run lock, open the run's logs and record the launch, start the system monitor,
 find the newest valid checkpoint (and a universal copy of it for another world size), build the
 data stream and the engine, load the checkpoint, and hand over to the trainer.
@@ -8,7 +9,6 @@ data stream and the engine, load the checkpoint, and hand over to the trainer.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -26,16 +26,17 @@ from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.universal import universal_checkpoint
 from ..config import Config
 from ..config.trajectory import trajectory_changes
-from ..core.errors import ResumeRefused, RunLocked, TelepathyError
+from ..core.errors import ResumeRefused, RunLocked
 from ..core.eventlog import EventLog
 from ..core.events import Event, Stamp, launches
 from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
 from ..core.paths import RunPaths
 from ..core.proc import CommandError
 from ..core.runlock import RunLock
-from ..engine import distributed
+from ..engine import adapter, distributed
 from ..engine.distributed import Dist
-from ..plan.placement import Plan, plan, request_for
+from ..plan.memory import GiB
+from ..plan.placement import Plan
 from ..slurm import scontrol
 from ..slurm.env import DistEnv, SlurmEnv
 from ..watch.health import HealthLimits
@@ -43,25 +44,6 @@ from ..watch.monitor import SystemMonitor
 from .data import TokenStream, generate_corpus, open_tokens, write_corpus
 
 log = logging.getLogger("telepathy.resume")
-
-
-# -- before any distributed work ---------------------------------------------------------------
-def check_inputs(cfg: Config, env: DistEnv) -> None:
-    """Everything that can be checked before any distributed or GPU work."""
-    if cfg.data.path is not None:
-        open_tokens(cfg.data.path, cfg.data.dtype)
-    if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
-        raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
-                             "config.json; point it at a local Hugging Face model directory")
-    make_plan(cfg, env.world_size, gpu_mem_gib=None)
-
-
-def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None) -> Plan:
-    """The placement of this run on `world_size` ranks (memory unchecked when None)."""
-    hf_config = None
-    if cfg.model.pretrained_path:
-        hf_config = json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
-    return plan(request_for(cfg, world_size, gpu_mem_gib, hf_config))
 
 
 @dataclass(frozen=True)
@@ -75,11 +57,9 @@ def choose_device(cfg: Config, env: DistEnv) -> Device:
     """CUDA when there is a GPU, else CPU; deterministic kernels when the config asks."""
     import torch
 
-    from ..plan.memory import GiB
-
     cuda = torch.cuda.is_available()
     if not cuda:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+        adapter.use_cpu_accelerator()
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=cuda)

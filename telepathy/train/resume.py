@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from contextlib import ExitStack
 
 from ..config import Config, PreemptionConfig, load_config
@@ -46,17 +45,18 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     from ..checkpoint.manager import CheckpointManager
     from ..engine.build import build_engine, count_parameters
     from . import phases
+    from .inputs import make_plan
     from .steps import EngineSteps
     from .trainer import RunInfo, Trainer
 
     device = phases.choose_device(cfg, env)
-    placement = phases.make_plan(cfg, env.world_size, device.gpu_mem_gib)
+    placement = make_plan(cfg, env.world_size, device.gpu_mem_gib)
     with ExitStack() as stack:
         dist = stack.enter_context(phases.process_group(env, device))
         logs.set_rank(dist.rank)
         stack.enter_context(phases.run_lock(dist, paths, slurm))
         run_logs = stack.enter_context(phases.run_logs(dist, paths, slurm))
-        info = RunInfo(restart=run_logs.restart, job_id=slurm.job_id, launched_at=time.time())
+        info = RunInfo(restart=run_logs.restart, job_id=slurm.job_id)
         phases.record_launch(run_logs.events, dist, env, slurm, device, placement)
         stack.enter_context(phases.system_monitor(cfg, env, paths))
         checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(env.rank)
         args = parse_args(argv)
         try:
-            from . import phases
-
             cfg = load_config(args.config, args.set)
             flag.watch(cfg.preemption.signals)
-            phases.check_inputs(cfg, env)
+            from .inputs import check_inputs  # numpy and the planner: no torch yet
+
+            check_inputs(cfg, env)
             return train(cfg, RunPaths.at(args.run_dir), env, SlurmEnv.from_mapping(os.environ),
                          flag, args.force, FaultPlan.from_mapping(os.environ),
                          StateDump.from_mapping(os.environ))

@@ -39,7 +39,6 @@ class RunInfo:
 
     restart: int
     job_id: str | None
-    launched_at: float
 
 
 class Trainer:
@@ -201,7 +200,7 @@ class Trainer:
         last_saved = self.finish_in_flight(boundary.last_saved)
         decision = decide(dataclasses.replace(boundary, last_saved=last_saved))
         if decision.save:
-            self.save(step, decision.save, wait=True)
+            self.save(step, decision.save, wait=decision.wait)
         self.report_saves()
         if action is Action.PREEMPT:
             self.events.emit(Event.PREEMPTED, step=step, exit_code=self.cfg.preemption.exit_code)

@@ -1,7 +1,7 @@
 """What a run directory says about its run: progress, losses, restarts and why, checkpoints.
 
 Pure: records (already read from metrics.jsonl, events.jsonl, system-*.jsonl) in, a summary out.
-Both `telepathy.tail` and `telepathy.report` are views of this.
+Both `telepathy tail` and `telepathy report` are views of this.
 """
 
 from __future__ import annotations

@@ -24,11 +24,14 @@ def readme_section(title: str) -> str:
 
 def test_every_event_is_documented_in_the_readme_and_nothing_else_is():
     section = readme_section("A run directory")
-    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", section, re.M))
+    documented = set(rows)
     assert documented == {e.value for e in Event}, (
         f"undocumented: {sorted({e.value for e in Event} - documented)}; "
         f"documented but not an event: {sorted(documented - {e.value for e in Event})}")
     assert set(EVENTS) == set(Event)
+    for event, (when, fields) in EVENTS.items():
+        assert rows[event.value] == f"{when} | {fields}", f"the README's row of {event.value}"
     for column in METRICS_FIELDS:
         assert column in section, f"metrics.jsonl column {column} is not in the README"
 
@@ -49,10 +52,11 @@ def test_events_are_written_only_through_the_contract():
 def test_every_event_is_emitted_somewhere():
     code = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py")
                      if p != PACKAGE / "core" / "events.py")
-    unused = [e.name for e in Event if f"Event.{e.name}" not in code and e.name != "CHECKPOINT_SAVED"
-              and e.name != "CHECKPOINT_FAILED"]
+    emitted = set(re.findall(r"\bemit\(\s*Event\.(\w+)", code))
+    assert "emit(result.event" in code  # checkpoint_saved / checkpoint_failed: a SaveResult's
+    emitted |= {"CHECKPOINT_SAVED", "CHECKPOINT_FAILED"}
+    unused = [e.name for e in Event if e.name not in emitted]
     assert not unused, f"events defined but never emitted: {unused}"
-    assert "result.event" in code  # checkpoint_saved / checkpoint_failed come from SaveResult
 
 
 def test_a_stamp_refuses_an_unknown_event_and_stamps_the_rest():

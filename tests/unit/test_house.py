@@ -2,6 +2,7 @@
 cycle, every room saying what it owns and may import, the README's layout matching the tree,
 and one `telepathy` command."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,27 @@ def test_the_layering_contract_fails_when_broken(tree_copy, module, line, broken
     assert "telepathy." + module.removesuffix(".py").replace("/", ".") in text
 
 
+PURE = [line.strip() for line in (ROOT / "setup.cfg").read_text().split(
+    "[importlinter:contract:pure]")[1].split("forbidden_modules")[0].splitlines()
+    if line.strip().startswith("telepathy.")]
+FILE_IO = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "exists", "is_file",
+           "is_dir", "iterdir", "glob", "rglob", "mkdir", "unlink", "stat", "rename", "replace",
+           "touch", "rmdir", "resolve"}
+"""Path.absolute() is allowed: RunPaths.at reads the working directory, no file."""
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_touch_no_file(module):
+    """What an import contract cannot see: the builtin open() and Path methods that do I/O."""
+    import ast
+
+    path = ROOT / (module.replace(".", "/") + ".py")
+    calls = [(node.lineno, name) for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call)
+             and (name := getattr(node.func, "attr", getattr(node.func, "id", None))) in FILE_IO]
+    assert not calls, f"{module} does I/O at (line, call): {calls}"
+
+
 def test_no_import_cycle_between_modules():
     import grimp
 
@@ -89,18 +111,41 @@ def test_every_room_says_what_it_owns_and_may_import(room):
     assert len(doc.split()) > 15 and "May import:" in doc, f"telepathy/{room}/__init__.py"
 
 
-def test_the_readme_layout_names_every_room_and_module():
+def layout_tree() -> dict[str, set[str]]:
+    """The README's layout block as {room: the names in its first column} ("": package modules)."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("\n## Layout\n"):]
-    section = section[:section.index("\n## ", 5)] if "\n## " in section[5:] else section
+    block = text[text.index("\n## Layout\n"):]
+    block = block[block.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    tree: dict[str, set[str]] = {"": set()}
+    room = ""
+    for line in block.splitlines():
+        match = re.match(r"^( *)(\S.*?)(?:\s{2,}|$)", line)
+        if not match or not 2 <= len(match.group(1)) <= 6:
+            continue  # a top-level folder, or a description's continuation line
+        indent, names = len(match.group(1)), match.group(2)
+        tokens = [t.strip("/") for t in re.split(r"[ ,|]+", names) if t]
+        if names.endswith("/"):
+            if len(tokens) == 1:
+                room = tokens[0]
+                tree.setdefault(room, set())
+        elif indent == 2 and names.endswith(".py"):
+            tree[""].add(names)
+        else:
+            tree[room].update(tokens)
+    return tree
+
+
+def test_the_readme_layout_names_every_room_and_module():
+    tree = layout_tree()
     for room in ROOMS:
-        assert f"{room}/" in section, f"the README's layout misses telepathy/{room}/"
+        assert room in tree, f"the README's layout misses telepathy/{room}/"
         for module in sorted((PACKAGE / room).glob("*.py")):
             if module.name not in ("__init__.py", "__main__.py"):
-                assert module.stem in section, f"the README's layout misses {room}/{module.name}"
+                assert module.stem in tree[room], f"the README's layout misses {room}/{module.name}"
     for module in PACKAGE.glob("*.py"):
         if module.name not in ("__init__.py", "__main__.py"):
-            assert module.name in section, f"the README's layout misses telepathy/{module.name}"
+            assert module.name in tree[""], f"the README's layout misses telepathy/{module.name}"
 
 
 def test_one_command_with_a_subcommand_per_room(capsys):

@@ -49,6 +49,8 @@ class FakeCheckpoints:
 
     fits: bool = True
     fail_steps: tuple = ()
+    in_flight: bool = False
+    """Results come only from wait(): a save still being written when the run leaves."""
     expected_seconds: float | None = None
     saves: list = field(default_factory=list)
     complete: list = field(default_factory=list)
@@ -66,12 +68,15 @@ class FakeCheckpoints:
                                        error="rank 0: OSError: No space left" if failed else None))
         return 0.01
 
-    def wait(self):
-        return self.pending[-1] if self.pending else None
-
     def completed(self):
+        if self.in_flight:
+            return []
         out, self.pending = self.pending, []
         return out
+
+    def wait(self):
+        self.in_flight = False
+        return self.pending[-1] if self.pending else None
 
     def newest_complete_step(self):
         return max(self.complete, default=0)
@@ -85,6 +90,7 @@ class FakeSteps:
     """step (1-based) -> how many times it runs out of memory."""
     engine: object = None
     done: int = 0
+    asked: int = 0
     layouts: list = field(default_factory=list)
     dropped: list = field(default_factory=list)
 
@@ -97,7 +103,8 @@ class FakeSteps:
         return 1.0 / (step + 1), 1e-3
 
     def counters(self):
-        return ("counters before step", self.done + 1)
+        self.asked += 1  # a second look would differ: the rewind point is taken once per step
+        return ("counters before step", self.done + 1, self.asked)
 
     def drop_partial_step(self, counters, layout):
         self.dropped.append((counters, layout))
@@ -132,7 +139,7 @@ def make(steps=60, every_steps=20, micro_sizes=(8, 4, 2, 1), layout=Layout(1, 8,
     checkpoints = fakes.pop("checkpoints", FakeCheckpoints())
     events, metrics = ListWriter(), ListWriter()
     trainer = Trainer(cfg, FakeDist(), steps_, FakeData(), layout, checkpoints, flag, metrics,
-                      EventLog(events, Stamp(0, "42", 1)), RunInfo(0, "42", 0.0), **fakes)
+                      EventLog(events, Stamp(0, "42", 1)), RunInfo(0, "42"), **fakes)
     return trainer, checkpoints, steps_, events
 
 
@@ -175,6 +182,17 @@ def test_a_signal_while_the_interval_save_of_that_step_fails_saves_it_again():
     assert "checkpoint_failed" in kinds(events)
 
 
+def test_a_save_that_fails_while_the_run_leaves_is_made_again_synchronously():
+    """Step 20's background save is still being written at the signal; waiting for it shows
+    that it failed, so the preemption saves step 20 itself."""
+    checkpoints = FakeCheckpoints(fail_steps=(20,), in_flight=True)
+    trainer, ckpts, _, events = make(flag=FakeFlag(at_step=20), checkpoints=checkpoints)
+    assert trainer.run(0) == exits.PREEMPTED
+    assert [(s, r, w) for s, r, w, _ in ckpts.saves] == [(20, "interval_steps", False),
+                                                         (20, "preemption", True)]
+    assert kinds(events).count("checkpoint_failed") == 2  # the fake fails both
+
+
 def test_a_signal_right_after_a_resume_exits_without_saving_again():
     trainer, ckpts, steps, events = make(flag=FakeFlag(at_step=40))
     steps.done = 40
@@ -210,7 +228,7 @@ def test_out_of_memory_halves_the_micro_batch_and_retries_the_same_step():
     trainer, _, _, events = make(steps=10, every_steps=0, steps_=steps_)
     assert trainer.run(0) == exits.FINISHED
     assert steps_.done == 10 and len(steps_.layouts) == 10  # step 5 ran once, after the retry
-    assert steps_.dropped == [(("counters before step", 5), Layout(1, 4, 2))]
+    assert steps_.dropped == [(("counters before step", 5, 5), Layout(1, 4, 2))]
     assert steps_.layouts[3] == Layout(1, 8, 1) and set(steps_.layouts[4:]) == {Layout(1, 4, 2)}
     oom = [r for r in events.records if r["event"] == "oom_recovered"]
     assert oom == [{**oom[0], "step": 5, "micro_batch": 4, "accum": 2,
@@ -223,6 +241,7 @@ def test_out_of_memory_retries_are_bounded_by_the_config():
     with pytest.raises(torch.OutOfMemoryError):
         trainer.run(0)
     assert [layout.micro_batch for _, layout in steps_.dropped] == [4, 2, 1]
+    assert {counters for counters, _ in steps_.dropped} == {("counters before step", 3, 3)}
 
 
 def test_out_of_memory_at_the_smallest_micro_batch_is_raised():

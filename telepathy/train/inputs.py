@@ -1,0 +1,32 @@
+"""What can be checked before torch is imported: the data file, the pretrained model's
+directory, and that a placement exists. `telepathy resume` runs this right after reading the
+config and watching its signals, so a bad input fails in a second and no signal is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config.schema import Config
+from ..core.errors import TelepathyError
+from ..plan.placement import Plan, plan, request_for
+from ..slurm.env import DistEnv
+from .data import open_tokens
+
+
+def check_inputs(cfg: Config, env: DistEnv) -> None:
+    """Everything that can be checked before any distributed or GPU work."""
+    if cfg.data.path is not None:
+        open_tokens(cfg.data.path, cfg.data.dtype)
+    if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
+        raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
+                             "config.json; point it at a local Hugging Face model directory")
+    make_plan(cfg, env.world_size, gpu_mem_gib=None)
+
+
+def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None) -> Plan:
+    """The placement of this run on `world_size` ranks (memory unchecked when None)."""
+    hf_config = None
+    if cfg.model.pretrained_path:
+        hf_config = json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
+    return plan(request_for(cfg, world_size, gpu_mem_gib, hf_config))
