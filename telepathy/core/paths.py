@@ -26,6 +26,12 @@ class RunPaths:
         return self.root / "config.yaml"
 
     @property
+    def submitted_config(self) -> Path:
+        """The config `telepathy plan --submit` planned with (its --set overrides applied): the
+        submitted job reads this one, so it runs what was planned."""
+        return self.root / "submitted-config.yaml"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 

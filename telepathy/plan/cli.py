@@ -22,6 +22,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +30,7 @@ from ..checkpoint.directory import complete_steps
 from ..config import Config, load_config
 from ..core import exits, logs, proc
 from ..core.errors import TelepathyError
+from ..core.fsutil import write_atomic
 from ..core.jsonl import read_jsonl
 from ..core.paths import RunPaths
 from ..core.resources import job_script
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir:
             env.update(TELEPATHY_CONFIG=str(Path(args.config).absolute()),
                        TELEPATHY_RUN_DIR=str(run_dir.absolute()))
+        if args.submit:  # the job runs the config planned here, --set overrides included
+            submitted = RunPaths.at(run_dir).submitted_config
+            submitted.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(submitted, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+            env["TELEPATHY_CONFIG"] = str(submitted)
         if asked:
             for i, o in enumerate(opts):
                 if o.plan is not None:

@@ -7,7 +7,9 @@ import sys
 import time
 
 import pytest
+import yaml
 
+from telepathy.core.paths import RunPaths
 from telepathy.slurm import scontrol
 from tests import support
 from tests.support import RNG, ROOT, Job, assert_close_losses
@@ -37,7 +39,8 @@ def test_plan_submits_one_gpu_now_over_four_later_and_the_run_resumes_on_it(
             time.sleep(0.5)
         out = subprocess.run(
             [sys.executable, "-m", "telepathy.plan", "--config", str(first.config), "--run-dir",
-             str(first.run_dir), "--submit", "--json", f"--sbatch-arg=--output={tmp_path}/second.out",
+             str(first.run_dir), "--submit", "--json", "--set", "train.log_every=7",
+             f"--sbatch-arg=--output={tmp_path}/second.out",
              f"--sbatch-arg=--error={tmp_path}/second.err"],
             capture_output=True, text=True, env=cluster.env(), cwd=ROOT, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -55,6 +58,8 @@ def test_plan_submits_one_gpu_now_over_four_later_and_the_run_resumes_on_it(
                      job_id=answer["submitted_job_id"])
         assert scontrol.show_job(second.id, env=cluster.env())["TresPerNode"].endswith("gpu:h100:1")
         assert second.wait_end() == ("COMPLETED", 0), second.logs()
+        # The job ran the config planned, --set included (it once got the bare YAML file).
+        assert yaml.safe_load(RunPaths.at(first.run_dir).config.read_text())["train"]["log_every"] == 7
     finally:
         scontrol.scancel(blocker, env=cluster.env())
 
