@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("telepathy.watch.tail", "watch a run (or every run under a directory)"),
     "report": ("telepathy.watch.report", "a report of a whole run: text, JSON or PNG"),
     "checkpoint": ("telepathy.checkpoint.cli", "list, verify or prune a run's checkpoints"),
+    "export": ("telepathy.export.cli", "a run's weights as a Hugging Face model directory"),
     "cluster": ("telepathy.slurm.cluster", "start or stop the local single-node SLURM cluster"),
     "demo": ("telepathy.demo", "show a preemption and an exact resume on the tiny default"),
 }

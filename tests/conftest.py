@@ -13,8 +13,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, worker_id):
-    """Uninterrupted runs of the test config, per world size, made once per test session.
+def reference_run(tmp_path_factory, worker_id):
+    """The run directory of an uninterrupted run of the test config, per world size, made once
+    per test session (checkpoints every 20 steps, saved in the background).
 
     Shared by the xdist workers (their temp dirs have a common parent) under a file lock.
     """
@@ -24,15 +25,21 @@ def reference(tmp_path_factory, worker_id):
     if worker_id != "master":
         root = root.parent
 
-    def get(world: int = 1) -> dict[int, float]:
+    def get(world: int = 1) -> Path:
         run_dir = root / f"reference-w{world}" / "run"
         with FileLock(str(root / f"reference-w{world}.lock")):
             if not (root / f"reference-w{world}.done").exists():
                 assert support.run(run_dir, world) == 0, support.log_text(run_dir)
                 (root / f"reference-w{world}.done").touch()
-        return support.losses(run_dir)
+        return run_dir
 
     return get
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run):
+    """The losses of the uninterrupted runs, by step, per world size."""
+    return lambda world=1: support.losses(reference_run(world))
 
 
 @pytest.fixture(scope="session")

@@ -67,8 +67,10 @@ def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = ()) -> Any:
     if isinstance(obj, list):
         return [snapshot(v, pool, (*slot, i)) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
+        # Keep the type: DeepSpeed's own zero_to_fp32 calls .numel() on the torch.Size values of
+        # param_shapes (a plain tuple made its checkpoints unreadable to it).
         items = [snapshot(v, pool, (*slot, i)) for i, v in enumerate(obj)]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return copy.deepcopy(obj)
 
 

@@ -12,6 +12,8 @@ on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with g
 - `step_counters`, `drop_partial_step`: the micro-step counters and the ZeRO-3 parameter
   coordinator, to drop a step that ran out of memory;
 - `repair_universal_load`: two defects of the ZeRO-3 universal load (0.19.8);
+- `fp32_weights`: DeepSpeed's own consolidation of a ZeRO checkpoint's fp32 master weights
+  (`zero_to_fp32`, lazy: one parameter gathered at a time from memory-mapped files);
 - `full_state`: every parameter's fp32 weight and Adam moments (`safe_get_full_*`, the client
   optimizer behind ZeRO-3) for the state dumps of tests;
 - `numel`, `full_shape`: the real size of a partitioned parameter (`ds_numel`, `ds_shape`).
@@ -19,6 +21,7 @@ on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -31,9 +34,11 @@ import torch
 from ..core.errors import CheckpointError
 
 
-def use_cpu_accelerator() -> None:
-    """Make DeepSpeed run on the CPU (before it is imported: it picks its accelerator then)."""
-    os.environ["DS_ACCELERATOR"] = "cpu"
+def use_cpu_accelerator(override: bool = True) -> None:
+    """Make DeepSpeed run on the CPU (before it is imported: it picks its accelerator then, and
+    otherwise probes and warns on stdout). `override=False` keeps a choice already made."""
+    if override or "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def init_distributed(backend: str) -> None:
@@ -134,6 +139,26 @@ def repair_universal_load(engine: Any, universal: Path) -> list[str]:
                 repaired.append("shared Adam step tensor")
             seen.add(id(step))
     return repaired
+
+
+def fp32_weights(ckpt: Path, lazy: bool = True) -> dict[str, Any]:
+    """DeepSpeed's `zero_to_fp32` consolidation of a checkpoint directory's fp32 master weights,
+    by parameter name. Lazy: each value gathers its parameter from the memory-mapped optimizer
+    files of every rank only when `materialize` is called on it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its progress to stdout
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                        lazy_mode=lazy)
+
+
+def materialize(weight: Any) -> torch.Tensor:
+    """A tensor from a lazy value of `fp32_weights` (a tensor stays as it is)."""
+    return weight if isinstance(weight, torch.Tensor) else weight.contiguous()
+
+
+def weight_shape(weight: Any) -> tuple[int, ...]:
+    return tuple(weight.shape)
 
 
 # -- a step that ran out of memory -------------------------------------------------------------

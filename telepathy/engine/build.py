@@ -66,7 +66,8 @@ def ds_config(cfg: Config, layout: Layout, dtype: torch.dtype, offload: str = "n
     }
 
 
-def _model_config(cfg: Config, dtype: torch.dtype):
+def model_config(cfg: Config, dtype: torch.dtype):
+    """The transformers config of the model the fields of `model` describe."""
     from transformers import AutoConfig
 
     m = cfg.model
@@ -93,7 +94,7 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
         model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained_path, dtype=dtype,
                                                      local_files_only=True)
     else:
-        model = AutoModelForCausalLM.from_config(_model_config(cfg, dtype), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(model_config(cfg, dtype), dtype=dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -1,0 +1,54 @@
+"""`telepathy export RUN_DIR --out DIR` (`python -m telepathy.export`): the run's weights as a
+Hugging Face model directory that `AutoModelForCausalLM.from_pretrained(DIR)` loads offline.
+
+    telepathy export runs/llama --out models/llama            # newest verified checkpoint
+    telepathy export runs/llama --out models/llama-4k --step 4000 --dtype bfloat16
+
+Exit status: 0 exported, 2 bad input (no valid checkpoint, --out exists, a bad --step), 1 crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ..core import exits, logs
+from ..core.errors import TelepathyError
+from .shards import parse_size
+
+log = logging.getLogger("telepathy.export")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logs.configure(0)
+    p = argparse.ArgumentParser(prog="telepathy export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory (the --run-dir of telepathy resume)")
+    p.add_argument("--out", required=True, help="the model directory to create (must not exist)")
+    p.add_argument("--step", type=int, help="export this step's checkpoint (default: the newest "
+                                            "that verifies)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    args = p.parse_args(argv)
+    try:
+        shard_bytes = parse_size(args.shard_size)
+        from .hf import as_dict, export  # torch and transformers: after the arguments are checked
+
+        result = export(args.run_dir, args.out, args.step, args.dtype, shard_bytes)
+    except (TelepathyError, ValueError) as exc:
+        log.error("%s", exc)
+        return exits.BAD_INPUT
+    if args.json:
+        print(json.dumps(as_dict(result), indent=1))
+    else:
+        print(f"exported {result.checkpoint} (step {result.step}, written by {result.world_size} "
+              f"rank(s)) to {result.out}: {result.tensors} tensors, {result.bytes / 1e6:.1f} MB "
+              f"{result.dtype} in {len(result.files)} files, {result.seconds:.1f} s")
+    return exits.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Export a run's weights as a Hugging Face model directory.
+
+The checkpoint: the newest one whose every file matches its manifest (or `--step N`, refused
+when it does not verify); verified before anything is read. The weights: DeepSpeed's own
+`zero_to_fp32` consolidation of the ZeRO-3 fp32 master weights (whatever world size wrote
+them), gathered one parameter at a time from memory-mapped files, cast, and written shard by
+shard, so memory holds one shard and the largest tensor. The directory: written under a temp
+name beside `--out` and renamed at the end, so it appears whole or not at all; the run
+directory is only read (no lock), so export runs beside a training job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..checkpoint import directory
+from ..checkpoint.hashing import verify_all
+from ..checkpoint.manifest import MANIFEST, STATE
+from ..config import config_from_dict
+from ..core.errors import CheckpointError, TelepathyError
+from ..core.fsutil import fsync_dir
+from ..core.paths import RunPaths
+from ..engine import adapter
+from ..engine.build import model_config
+from .shards import INDEX, plan_shards, shard_names
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROVENANCE = "telepathy-export.json"
+
+
+@dataclass(frozen=True)
+class Exported:
+    out: str
+    checkpoint: str
+    step: int
+    world_size: int
+    dtype: str
+    tensors: int
+    bytes: int
+    files: list[str]
+    seconds: float
+
+
+def choose_checkpoint(paths: RunPaths, step: int | None) -> Path:
+    """The newest checkpoint that verifies, or that of `step`; an error that says what exists."""
+    complete = directory.complete_steps(paths.checkpoints)
+    if not complete:
+        raise CheckpointError(f"{paths.checkpoints} holds no complete checkpoint; export a run "
+                              "that has saved one (telepathy checkpoint list shows them)")
+    if step is not None:
+        if step not in complete:
+            raise CheckpointError(f"--step {step}: no complete checkpoint of that step in "
+                                  f"{paths.checkpoints}; complete ones: "
+                                  f"{', '.join(map(str, reversed(complete)))}")
+        ckpt = paths.checkpoint(step)
+        problems = verify_all(ckpt, directory.read_manifest(ckpt))
+        if problems:
+            raise CheckpointError(f"checkpoint {ckpt.name} does not verify, nothing exported: "
+                                  f"{'; '.join(problems[:5])}. Export another --step (complete "
+                                  f"ones: {', '.join(map(str, reversed(complete)))})")
+        return ckpt
+    for s in reversed(complete):
+        ckpt = paths.checkpoint(s)
+        problems = verify_all(ckpt, directory.read_manifest(ckpt))
+        if not problems:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s", ckpt.name, "; ".join(problems[:3]))
+    raise CheckpointError(f"no checkpoint in {paths.checkpoints} verifies; see "
+                          "telepathy checkpoint verify")
+
+
+def hf_config(state: dict[str, Any], dtype: torch.dtype):
+    """The transformers config of the run's model (its pretrained config, or one built from the
+    run's model fields), ready for inference."""
+    cfg = config_from_dict(state["config"])
+    if cfg.model.pretrained_path:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.pretrained_path, local_files_only=True)
+        config.dtype = dtype
+    else:
+        config = model_config(cfg, dtype)
+    config.use_cache = True
+    return config
+
+
+def _check_out(out: Path, paths: RunPaths) -> None:
+    if out.exists():
+        raise TelepathyError(f"--out {out} already exists; export into a new directory (or "
+                             "remove it first)")
+    if out == paths.root or paths.root in out.parents:
+        raise TelepathyError(f"--out {out} is inside the run directory {paths.root}; export "
+                             "never writes there, choose a directory outside it")
+
+
+def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
+           shard_bytes: int = 5 * 10**9) -> Exported:
+    started = time.time()
+    adapter.use_cpu_accelerator(override=False)  # consolidation runs on the CPU, login nodes too
+    paths = RunPaths.at(run_dir)
+    out = Path(out).absolute()
+    if dtype not in DTYPES:
+        raise TelepathyError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    _check_out(out, paths)
+    ckpt = choose_checkpoint(paths, step)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+        manifest_sha = (ckpt / MANIFEST).read_bytes()
+        tmp.mkdir(parents=True)
+        result = _write(tmp, ckpt, state, DTYPES[dtype], shard_bytes)
+        (tmp / PROVENANCE).write_text(json.dumps({
+            "run_dir": str(paths.root), "checkpoint": ckpt.name, "step": state["step"],
+            "world_size": state["world_size"], "dtype": dtype, "telepathy_version": __version__,
+            "manifest_sha256": hashlib.sha256(manifest_sha).hexdigest(),
+            "created": time.time()}, indent=1) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except FileNotFoundError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"checkpoint {ckpt.name} went away while it was exported ({exc}); "
+                              f"a running job prunes old checkpoints. Nothing was written to "
+                              f"{out}; run export again (it takes the newest valid one)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files, tensors, size = result
+    return Exported(str(out), ckpt.name, state["step"], state["world_size"], dtype, tensors, size,
+                    sorted(files + [PROVENANCE]), round(time.time() - started, 3))
+
+
+def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype,
+           shard_bytes: int) -> tuple[list[str], int, int]:
+    """config, generation config and weight shards into `tmp`: (files, tensors, weight bytes)."""
+    from transformers import GenerationConfig
+
+    config = hf_config(state, dtype)
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    weights = adapter.fp32_weights(ckpt, lazy=True)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [(name, itemsize * _numel(adapter.weight_shape(w))) for name, w in weights.items()]
+    shards = plan_shards(sizes, shard_bytes)
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    for file, members in zip(names, shards):
+        tensors = {n: adapter.materialize(weights[n]).to(dtype).contiguous() for n in members}
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(members, file))
+        log.info("exported %s: %d tensors", file, len(members))
+        del tensors
+    total = sum(size for _, size in sizes)
+    files = ["config.json", "generation_config.json", *names]
+    if len(names) > 1:
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                             "weight_map": weight_map}, indent=2) + "\n")
+        files.append(INDEX)
+    return files, len(sizes), total
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def as_dict(result: Exported) -> dict[str, Any]:
+    return asdict(result)
