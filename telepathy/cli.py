@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("telepathy.watch.report", "a report of a whole run: text, JSON or PNG"),
     "checkpoint": ("telepathy.checkpoint.cli", "list, verify or prune a run's checkpoints"),
     "export": ("telepathy.export.cli", "a run's weights as a Hugging Face model directory"),
+    "data": ("telepathy.data.cli", "prepare: local text through a local tokenizer into tokens"),
     "cluster": ("telepathy.slurm.cluster", "start or stop the local single-node SLURM cluster"),
     "demo": ("telepathy.demo", "show a preemption and an exact resume on the tiny default"),
 }

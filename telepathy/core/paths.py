@@ -32,6 +32,11 @@ class RunPaths:
         return self.root / "submitted-config.yaml"
 
     @property
+    def tokenizer(self) -> Path:
+        """A copy of the tokenizer the run's data was prepared with (telepathy data prepare)."""
+        return self.root / "tokenizer"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 

@@ -123,7 +123,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
         state = json.loads((ckpt / STATE).read_text())
         manifest_sha = (ckpt / MANIFEST).read_bytes()
         tmp.mkdir(parents=True)
-        result = _write(tmp, ckpt, state, DTYPES[dtype], shard_bytes)
+        result = _write(tmp, ckpt, state, DTYPES[dtype], shard_bytes, paths.tokenizer)
         (tmp / PROVENANCE).write_text(json.dumps({
             "run_dir": str(paths.root), "checkpoint": ckpt.name, "step": state["step"],
             "world_size": state["world_size"], "dtype": dtype, "telepathy_version": __version__,
@@ -148,14 +148,18 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
                     sorted(files + [PROVENANCE]), round(time.time() - started, 3))
 
 
-def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype,
-           shard_bytes: int) -> tuple[list[str], int, int]:
-    """config, generation config and weight shards into `tmp`: (files, tensors, weight bytes)."""
+def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype, shard_bytes: int,
+           tokenizer: Path) -> tuple[list[str], int, int]:
+    """config, generation config, the run's tokenizer (if it has one) and weight shards into
+    `tmp`: (files, tensors, weight bytes)."""
     from transformers import GenerationConfig
 
     config = hf_config(state, dtype)
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    tokenizer_files = sorted(p.name for p in tokenizer.glob("*") if p.is_file())
+    for name in tokenizer_files:
+        shutil.copyfile(tokenizer / name, tmp / name)
     weights = adapter.fp32_weights(ckpt, lazy=True)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [(name, itemsize * _numel(adapter.weight_shape(w))) for name, w in weights.items()]
@@ -169,7 +173,7 @@ def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype,
         log.info("exported %s: %d tensors", file, len(members))
         del tensors
     total = sum(size for _, size in sizes)
-    files = ["config.json", "generation_config.json", *names]
+    files = ["config.json", "generation_config.json", *tokenizer_files, *names]
     if len(names) > 1:
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                              "weight_map": weight_map}, indent=2) + "\n")

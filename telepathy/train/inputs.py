@@ -1,6 +1,7 @@
-"""What can be checked before torch is imported: the data file, the pretrained model's
-directory, and that a placement exists. `telepathy resume` runs this right after reading the
-config and watching its signals, so a bad input fails in a second and no signal is lost."""
+"""What can be checked before torch is imported: the data file (and its sidecar against the
+model), the pretrained model's directory, and that a placement exists. `telepathy resume` runs
+this right after reading the config and watching its signals, so a bad input fails in a second
+and no signal is lost."""
 
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ from pathlib import Path
 
 from ..config.schema import Config
 from ..core.errors import TelepathyError
+from ..data import sidecar
+from ..data.stream import open_tokens
 from ..plan.placement import Plan, plan, request_for
 from ..slurm.env import DistEnv
-from .data import open_tokens
 
 
-def check_inputs(cfg: Config, env: DistEnv) -> None:
-    """Everything that can be checked before any distributed or GPU work."""
+def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
+    """Everything that can be checked before any distributed or GPU work; the data file's
+    sidecar (None: synthetic data, or a token file prepared elsewhere)."""
+    meta = None
     if cfg.data.path is not None:
+        meta = sidecar.read(cfg.data.path)
+        if meta is not None:
+            sidecar.check(cfg, meta)
         open_tokens(cfg.data.path, cfg.data.dtype)
     if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
         raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
                              "config.json; point it at a local Hugging Face model directory")
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
+    return meta
 
 
 def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None) -> Plan:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
 from ..core.paths import RunPaths
 from ..core.proc import CommandError
 from ..core.runlock import RunLock
+from ..data.stream import TokenStream, generate_corpus, open_tokens, write_corpus
 from ..engine import adapter, distributed
 from ..engine.distributed import Dist
 from ..plan.memory import GiB
@@ -41,7 +43,6 @@ from ..slurm import scontrol
 from ..slurm.env import DistEnv, SlurmEnv
 from ..watch.health import HealthLimits
 from ..watch.monitor import SystemMonitor
-from .data import TokenStream, generate_corpus, open_tokens, write_corpus
 
 log = logging.getLogger("telepathy.resume")
 
@@ -179,12 +180,18 @@ def system_monitor(cfg: Config, env: DistEnv, paths: RunPaths) -> Iterator[Syste
 
 
 # -- the checkpoint to resume from -------------------------------------------------------------
-def check_resumable(found: Found, cfg: Config, force: bool) -> list[str]:
+def check_resumable(found: Found, cfg: Config, force: bool, data: dict | None = None) -> list[str]:
     """Refuse a resume that would change the trajectory; return the changes --force lets through.
 
-    A different world size is not such a change: the planner keeps the global batch.
+    A different world size is not such a change: the planner keeps the global batch. A token
+    file whose content changed under the same path is one (the SHA-256 of its sidecar).
     """
     changes = trajectory_changes(found.state["config"], cfg.to_dict())
+    before = (found.state.get("data") or {}).get("sha256")
+    now = (data or {}).get("sha256")
+    if before and now and before != now:
+        changes.append(f"data file content ({cfg.data.path}): sha256 {before[:12]}... -> "
+                       f"{now[:12]}...")
     if changes and not force:
         raise ResumeRefused(
             f"the config differs from checkpoint {found.path.name} in ways that change the "
@@ -202,7 +209,7 @@ class Resumable:
 
 
 def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths, dist: Dist,
-                    events: EventLog, force: bool) -> Resumable:
+                    events: EventLog, force: bool, data: dict | None = None) -> Resumable:
     """Collective: the newest valid checkpoint (damaged ones set aside, leftovers pruned), checked
     against the config, with a universal copy if the world size changed."""
     started = time.time()
@@ -216,7 +223,7 @@ def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths
     verify_s = time.time() - started
     if found is None:
         return Resumable(None, None, verify_s)
-    changes = check_resumable(found, cfg, force)
+    changes = check_resumable(found, cfg, force, data)
     if changes:
         log.warning("resuming with --force despite changes: %s", "; ".join(changes))
         events.emit(Event.CONFIG_FORCED, changes=changes)
@@ -246,6 +253,21 @@ def token_stream(cfg: Config, paths: RunPaths, dist: Dist) -> TokenStream:
         path = corpus
     return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed,
                        cfg.model.vocab_size)
+
+
+def keep_tokenizer(data: dict | None, paths: RunPaths, dist: Dist) -> None:
+    """Rank 0 keeps a copy of the tokenizer the data was prepared with (export ships it)."""
+    source = Path((data or {}).get("tokenizer_dir") or "")
+    if not dist.is_main or not data or paths.tokenizer.is_dir():
+        return
+    if not source.is_dir():
+        log.warning("the tokenizer %s the data was prepared with is gone; exports of this run "
+                    "will carry no tokenizer", source)
+        return
+    tmp = paths.tokenizer.with_name(".tokenizer.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, paths.tokenizer)
 
 
 def write_effective_config(cfg: Config, paths: RunPaths, dist: Dist) -> None:

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: PreemptionFlag,
-          force: bool, faults: FaultPlan, dump: StateDump = StateDump()) -> int:
+          force: bool, faults: FaultPlan, dump: StateDump = StateDump(),
+          data: dict | None = None) -> int:
     """The set-up phases (phases.py) in order, then the training loop; the exit code."""
     from ..checkpoint import rng
     from ..checkpoint.manager import CheckpointManager
@@ -56,13 +57,15 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         logs.set_rank(dist.rank)
         stack.enter_context(phases.run_lock(dist, paths, slurm))
         run_logs = stack.enter_context(phases.run_logs(dist, paths, slurm))
-        info = RunInfo(restart=run_logs.restart, job_id=slurm.job_id)
+        info = RunInfo(restart=run_logs.restart, job_id=slurm.job_id, data=data)
         phases.record_launch(run_logs.events, dist, env, slurm, device, placement)
         stack.enter_context(phases.system_monitor(cfg, env, paths))
         checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
                                         async_save=cfg.checkpoint.async_save)
-        resumable = phases.find_checkpoint(checkpoints, cfg, paths, dist, run_logs.events, force)
+        resumable = phases.find_checkpoint(checkpoints, cfg, paths, dist, run_logs.events, force,
+                                           data)
         phases.write_effective_config(cfg, paths, dist)
+        phases.keep_tokenizer(data, paths, dist)
         stream = phases.token_stream(cfg, paths, dist)
         engine = build_engine(cfg, placement.layout, device.cuda, placement.offload,
                               load_universal=resumable.universal is not None)
@@ -93,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             flag.watch(cfg.preemption.signals)
             from .inputs import check_inputs  # numpy and the planner: no torch yet
 
-            check_inputs(cfg, env)
+            data = check_inputs(cfg, env)
             return train(cfg, RunPaths.at(args.run_dir), env, SlurmEnv.from_mapping(os.environ),
                          flag, args.force, FaultPlan.from_mapping(os.environ),
-                         StateDump.from_mapping(os.environ))
+                         StateDump.from_mapping(os.environ), data)
         except TelepathyError as exc:
             log.error("%s", exc)
             return exits.BAD_INPUT

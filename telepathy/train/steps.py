@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.stream import TokenStream, rank_slice
 from ..engine import adapter
 from ..engine.distributed import Dist
 from ..plan.placement import Layout
 from ..testing.faults import FaultPlan
-from .data import TokenStream, rank_slice
 
 
 class EngineSteps:

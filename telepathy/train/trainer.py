@@ -39,6 +39,8 @@ class RunInfo:
 
     restart: int
     job_id: str | None
+    data: dict[str, Any] | None = None
+    """The token file's sidecar (telepathy data prepare), recorded in every checkpoint."""
 
 
 class Trainer:
@@ -114,7 +116,7 @@ class Trainer:
                 "accum": self.layout.accum, "restart": self.info.restart,
                 "train_time_s": self.train_time_s, "job_id": self.info.job_id,
                 "telepathy_version": __version__, "time": time.time(),
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "data": self.info.data}
 
     def save(self, step: int, reason: str, wait: bool = False) -> bool:
         """Start a checkpoint of `step` (finished in the background unless `wait`).

@@ -32,3 +32,11 @@ def test_memory_model_benchmark_smoke():
     assert [r["device"] for r in rows].count("h100 (recorded)") == 6
     cpu, = [r for r in rows if r["device"] == "cpu"]
     assert cpu["measured_gib"] > 0 and cpu["model_gib"] > 0
+
+
+def test_export_benchmark_smoke():
+    result, = smoke("bench.export")["results"]
+    assert result["model"] == "tiny" and result["fp32_weight_bytes"] > 0 and result["shards"] > 1
+    for program in ("telepathy_export", "plain_zero_to_fp32"):
+        peaks = result["peaks"][program]
+        assert peaks["rss"] > 0 and peaks["anon"] > 0 and peaks["seconds"] > 0

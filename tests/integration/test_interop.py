@@ -159,7 +159,7 @@ def test_a_run_started_from_an_export_has_the_exported_weights_loss_at_its_first
     from transformers import AutoModelForCausalLM
 
     from telepathy.config import load_config
-    from telepathy.train.data import TokenStream, open_tokens
+    from telepathy.data.stream import TokenStream, open_tokens
 
     out = tmp_path / "model"
     hf.export(reference_run(1), out)
@@ -179,3 +179,25 @@ def test_a_run_started_from_an_export_has_the_exported_weights_loss_at_its_first
         logits = model(input_ids=batch[:, :-1]).logits
     expected = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
     assert abs(first - expected.item()) <= 1e-6 * abs(expected.item()), (first, expected.item())
+
+
+def test_an_export_beside_a_live_run_leaves_its_losses_as_they_were(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = support.start(run_dir, 1, ["train.steps=120"])
+    try:
+        exported = []
+        while proc.poll() is None and len(exported) < 2:
+            steps = directory.complete_steps(RunPaths.at(run_dir).checkpoints)
+            if steps and (not exported or steps[-1] > exported[-1].step):
+                try:
+                    exported.append(hf.export(run_dir, tmp_path / f"m{len(exported)}"))
+                except CheckpointError as exc:  # pruned under it: said clearly, then again
+                    assert "went away while it was exported" in str(exc)
+        assert support.finish(proc) == 0, support.log_text(run_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(exported) == 2 and exported[0].step < exported[1].step < 120
+    reference_run = tmp_path / "uninterrupted"
+    assert support.run(reference_run, 1, ["train.steps=120"]) == 0
+    support.assert_same_losses(run_dir, support.losses(reference_run))

@@ -6,10 +6,10 @@ import pytest
 from telepathy.config.schema import TrainConfig
 from telepathy.core.errors import DataError
 from telepathy.core.paths import checkpoint_name, checkpoint_step
+from telepathy.data.stream import TokenStream, generate_corpus, rank_slice
 from telepathy.engine.schedule import lr_factor
 from telepathy.plan.placement import choose_layout
 from telepathy.slurm.env import DistEnv, SlurmEnv, first_host
-from telepathy.train.data import TokenStream, generate_corpus, rank_slice
 
 
 def stream(n_tokens=10_000, seq_len=16, seed=3):

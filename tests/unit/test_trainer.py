@@ -14,8 +14,8 @@ from telepathy.config import config_from_dict
 from telepathy.core import exits
 from telepathy.core.eventlog import EventLog
 from telepathy.core.events import SaveResult, Stamp
+from telepathy.data.stream import DataPosition
 from telepathy.plan.placement import Layout
-from telepathy.train.data import DataPosition
 from telepathy.train.trainer import RunInfo, Trainer
 
 

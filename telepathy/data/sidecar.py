@@ -1,0 +1,56 @@
+"""What a prepared token file holds: its JSON sidecar (`<token file>.json`), written by
+`telepathy data prepare`, checked by the trainer against the config before any distributed
+work, and recorded in every checkpoint's state.
+
+Fields: format, dtype, vocab_size, tokens, documents, eos_token_id, tokenizer (its name or
+path), tokenizer_dir (a copy is kept in the run directory), sources, sha256 (of the token bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config.schema import Config
+from ..core.errors import DataError
+
+FORMAT = "telepathy-tokens/1"
+
+
+def sidecar_path(tokens: str | Path) -> Path:
+    return Path(f"{tokens}.json")
+
+
+def dtype_for(vocab_size: int) -> str:
+    """uint16 when every id fits (as nanoGPT writes), else uint32."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def read(tokens: str | Path) -> dict[str, Any] | None:
+    """The sidecar of a token file; None when it has none (a file prepared elsewhere)."""
+    path = sidecar_path(tokens)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); run telepathy data prepare again, "
+                        "or delete it to train on the token file without its checks") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path} is not a telepathy token sidecar (format {FORMAT}); delete it or "
+                        "prepare the data again")
+    return meta
+
+
+def check(cfg: Config, meta: dict[str, Any]) -> None:
+    """The config must read the file as it was written, with room for every token id."""
+    path = cfg.data.path
+    if meta["dtype"] != cfg.data.dtype:
+        raise DataError(f"{path} holds {meta['dtype']} tokens (its sidecar says so) but "
+                        f"data.dtype={cfg.data.dtype!r}; set data.dtype={meta['dtype']}")
+    if meta["vocab_size"] > cfg.model.vocab_size:
+        raise DataError(f"{path} was tokenized with {meta['tokenizer']!r}, a vocabulary of "
+                        f"{meta['vocab_size']} tokens, but model.vocab_size="
+                        f"{cfg.model.vocab_size}; set model.vocab_size to at least "
+                        f"{meta['vocab_size']}")
