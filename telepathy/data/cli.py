@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except TelepathyError as exc:
         log.error("%s", exc)
         return exits.BAD_INPUT
+    except OSError as exc:  # disk full, unreadable file: nothing half-written is left
+        log.error("writing %s failed: %s", args.out, exc)
+        return exits.FAILED
     print(json.dumps({k: meta[k] for k in ("dtype", "vocab_size", "tokens", "documents",
                                            "tokenizer", "sha256")}, indent=1))
     print(f"wrote {meta['tokens']:,} tokens of {meta['documents']} document(s) to {args.out}; "

@@ -1,10 +1,14 @@
 """Tokenize local text files with a local Hugging Face tokenizer into one token file.
 
 Each input file is a document; EOS goes after every document. The text is read in blocks of
-whole lines, encoded, and appended to the token file as it goes (the corpus is never held in
-memory, let alone twice), hashed on the way; the sidecar is written last. Output: raw tokens of
-`uint16` (when the vocabulary fits) or `uint32`, the layout nanoGPT's prepare.py writes, which
-the trainer reads as it is (`data.path`, `data.dtype`).
+whole lines (a line longer than a block is cut), encoded, and appended to the token file as it
+goes, hashed on the way: memory holds one or two blocks, never the corpus. Blocks are encoded
+one by one, so where a block starts a tokenizer may split differently than it would inside one
+long string (byte-level BPE decodes back to the same text; a SentencePiece tokenizer that
+prepends a space marks each block start); a block is 1 MiB of text. The old sidecar is removed
+first and the new one written last, so a token file never stands beside a sidecar of other
+tokens. Output: raw tokens of `uint16` (when the vocabulary fits) or `uint32`, the layout
+nanoGPT's prepare.py writes, which the trainer reads as it is (`data.path`, `data.dtype`).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def blocks(path: Path) -> Iterator[str]:
             if not block:
                 return
             if not block.endswith("\n"):
-                block += f.readline()
+                block += f.readline(BLOCK_CHARS)  # to the end of the line, or one block more
             yield block
 
 
@@ -65,17 +69,24 @@ def prepare(tokenizer_dir: str | Path, out: str | Path, texts: Iterable[str | Pa
         raise DataError(f"the tokenizer in {tokenizer_dir} has no EOS token; give one with "
                         "--eos-id (the id that separates documents)")
     vocab = len(tokenizer)
+    if not 0 <= eos < vocab:
+        raise DataError(f"--eos-id {eos} is not a token of the tokenizer (ids 0-{vocab - 1})")
     sources = [Path(t) for t in texts]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
         raise DataError(f"no such text file: {', '.join(missing)}")
     dtype = np.dtype(dtype_for(vocab))
     out = Path(out)
+    if out.suffix == ".npy":
+        raise DataError(f"--out {out}: a prepared file holds raw tokens, not .npy; name it .bin")
+    if any(out.absolute() == s.absolute() for s in sources):
+        raise DataError(f"--out {out} is one of the text files; write the tokens elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     digest, count = hashlib.sha256(), 0
     total = sum(s.stat().st_size for s in sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    sidecar_path(out).unlink(missing_ok=True)  # never old metadata beside new tokens
     try:
         with open(tmp, "wb") as f:
             for source in sources:
@@ -97,10 +108,17 @@ def prepare(tokenizer_dir: str | Path, out: str | Path, texts: Iterable[str | Pa
             "documents": len(sources), "eos_token_id": int(eos),
             "tokenizer": getattr(tokenizer, "name_or_path", str(tokenizer_dir)),
             "tokenizer_dir": str(Path(tokenizer_dir).absolute()),
+            "tokenizer_sha256": tokenizer_digest(tokenizer_dir),
             "sources": [str(s) for s in sources], "sha256": digest.hexdigest(),
             "seconds": round(time.time() - started, 3)}
     write_atomic(sidecar_path(out), (json.dumps(meta, indent=1) + "\n").encode())
     return meta
+
+
+def tokenizer_digest(tokenizer_dir: str | Path) -> str | None:
+    """Names the tokenizer's content (its tokenizer.json), so a changed one is noticed."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _write(f, digest, ids: list[int], dtype: np.dtype) -> int:

@@ -43,14 +43,25 @@ def read(tokens: str | Path) -> dict[str, Any] | None:
     return meta
 
 
-def check(cfg: Config, meta: dict[str, Any]) -> None:
-    """The config must read the file as it was written, with room for every token id."""
+def check(cfg: Config, meta: dict[str, Any], model_vocab: int | None = None) -> None:
+    """The config must read the file as it was written, with room for every token id in the
+    model (`model_vocab`: a pretrained model's own vocabulary; default model.vocab_size), and
+    the file must still hold what its sidecar says (its size; the full SHA-256 is not re-read)."""
     path = cfg.data.path
+    itemsize = 2 if meta["dtype"] == "uint16" else 4
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    if size is not None and size != meta["tokens"] * itemsize:
+        raise DataError(f"{path} has {size} bytes but its sidecar says {meta['tokens']} "
+                        f"{meta['dtype']} tokens ({meta['tokens'] * itemsize} bytes): the file "
+                        "changed since it was prepared; run telepathy data prepare again")
+    vocab = cfg.model.vocab_size if model_vocab is None else model_vocab
+    where = "model.vocab_size" if model_vocab is None else \
+        f"the vocabulary of model.pretrained_path={cfg.model.pretrained_path!r}"
     if meta["dtype"] != cfg.data.dtype:
         raise DataError(f"{path} holds {meta['dtype']} tokens (its sidecar says so) but "
                         f"data.dtype={cfg.data.dtype!r}; set data.dtype={meta['dtype']}")
-    if meta["vocab_size"] > cfg.model.vocab_size:
+    if meta["vocab_size"] > vocab:
+        fix = (f"set model.vocab_size to at least {meta['vocab_size']}" if model_vocab is None
+               else "prepare the data with the model's own tokenizer")
         raise DataError(f"{path} was tokenized with {meta['tokenizer']!r}, a vocabulary of "
-                        f"{meta['vocab_size']} tokens, but model.vocab_size="
-                        f"{cfg.model.vocab_size}; set model.vocab_size to at least "
-                        f"{meta['vocab_size']}")
+                        f"{meta['vocab_size']} tokens, but {where} is {vocab}; {fix}")

@@ -147,9 +147,18 @@ def fp32_weights(ckpt: Path, lazy: bool = True) -> dict[str, Any]:
     files of every rank only when `materialize` is called on it."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(sys.stderr):  # it prints its progress to stdout
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
-                                                        lazy_mode=lazy)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # it prints its progress to stdout
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                            lazy_mode=lazy)
+    except AttributeError as exc:
+        if "numel" not in str(exc):
+            raise
+        raise CheckpointError(
+            f"{ckpt.name} stores DeepSpeed's param_shapes as plain tuples (telepathy wrote them so "
+            "before its checkpoints were tested with zero_to_fp32), which DeepSpeed's "
+            "consolidation cannot read; resume the run for a step to write a readable "
+            "checkpoint, then export that one") from None
 
 
 def materialize(weight: Any) -> torch.Tensor:

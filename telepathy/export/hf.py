@@ -55,6 +55,21 @@ class Exported:
     seconds: float
 
 
+class Gone(CheckpointError):
+    """The checkpoint was deleted (a running job prunes old ones) while it was exported."""
+
+
+def _problems(ckpt: Path) -> list[str]:
+    """What is wrong with a checkpoint; Gone when it is no longer there (pruned meanwhile)."""
+    manifest = directory.read_manifest(ckpt)
+    if manifest is None:
+        raise Gone(ckpt.name)
+    try:
+        return verify_all(ckpt, manifest)
+    except FileNotFoundError:
+        raise Gone(ckpt.name) from None
+
+
 def choose_checkpoint(paths: RunPaths, step: int | None) -> Path:
     """The newest checkpoint that verifies, or that of `step`; an error that says what exists."""
     complete = directory.complete_steps(paths.checkpoints)
@@ -67,7 +82,7 @@ def choose_checkpoint(paths: RunPaths, step: int | None) -> Path:
                                   f"{paths.checkpoints}; complete ones: "
                                   f"{', '.join(map(str, reversed(complete)))}")
         ckpt = paths.checkpoint(step)
-        problems = verify_all(ckpt, directory.read_manifest(ckpt))
+        problems = _problems(ckpt)
         if problems:
             raise CheckpointError(f"checkpoint {ckpt.name} does not verify, nothing exported: "
                                   f"{'; '.join(problems[:5])}. Export another --step (complete "
@@ -75,7 +90,10 @@ def choose_checkpoint(paths: RunPaths, step: int | None) -> Path:
         return ckpt
     for s in reversed(complete):
         ckpt = paths.checkpoint(s)
-        problems = verify_all(ckpt, directory.read_manifest(ckpt))
+        try:
+            problems = _problems(ckpt)
+        except Gone:
+            continue  # pruned since it was listed: an older one is fine
         if not problems:
             return ckpt
         log.warning("skipping checkpoint %s: %s", ckpt.name, "; ".join(problems[:3]))
@@ -83,18 +101,34 @@ def choose_checkpoint(paths: RunPaths, step: int | None) -> Path:
                           "telepathy checkpoint verify")
 
 
-def hf_config(state: dict[str, Any], dtype: torch.dtype):
+def hf_config(state: dict[str, Any], dtype: torch.dtype, tokenizer: Path):
     """The transformers config of the run's model (its pretrained config, or one built from the
-    run's model fields), ready for inference."""
+    run's model fields), ready for inference, with the special tokens of the run's tokenizer
+    (or at least the EOS its data was prepared with)."""
     cfg = config_from_dict(state["config"])
     if cfg.model.pretrained_path:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(cfg.model.pretrained_path, local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.pretrained_path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise TelepathyError(f"the run's base model, model.pretrained_path="
+                                 f"{cfg.model.pretrained_path!r}, cannot be read ({exc}); export "
+                                 "needs its config.json: mount or restore it") from None
         config.dtype = dtype
     else:
         config = model_config(cfg, dtype)
     config.use_cache = True
+    special = {"eos_token_id": (state.get("data") or {}).get("eos_token_id")}
+    if (tokenizer / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        special = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                   "pad_token_id": tok.pad_token_id}
+    for key, value in special.items():
+        if value is not None:
+            setattr(config, key, value)
     return config
 
 
@@ -102,7 +136,8 @@ def _check_out(out: Path, paths: RunPaths) -> None:
     if out.exists():
         raise TelepathyError(f"--out {out} already exists; export into a new directory (or "
                              "remove it first)")
-    if out == paths.root or paths.root in out.parents:
+    root = paths.root.resolve()
+    if out.resolve() == root or root in out.resolve().parents:
         raise TelepathyError(f"--out {out} is inside the run directory {paths.root}; export "
                              "never writes there, choose a directory outside it")
 
@@ -116,10 +151,11 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
     if dtype not in DTYPES:
         raise TelepathyError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     _check_out(out, paths)
-    ckpt = choose_checkpoint(paths, step)
+    _remove_leftovers(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = None
     try:
+        ckpt = choose_checkpoint(paths, step)
         state = json.loads((ckpt / STATE).read_text())
         manifest_sha = (ckpt / MANIFEST).read_bytes()
         tmp.mkdir(parents=True)
@@ -135,10 +171,15 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
         fsync_dir(tmp)
         os.rename(tmp, out)
         fsync_dir(out.parent)
-    except FileNotFoundError as exc:
+    except (Gone, FileNotFoundError, ValueError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"checkpoint {ckpt.name} went away while it was exported ({exc}); "
-                              f"a running job prunes old checkpoints. Nothing was written to "
+        gone = isinstance(exc, (Gone, FileNotFoundError)) or (
+            ckpt is not None and not directory.is_complete(ckpt))  # DeepSpeed: files missing
+        if not gone:
+            raise
+        name = ckpt.name if ckpt is not None else str(exc)
+        raise CheckpointError(f"checkpoint {name} went away while it was exported ({exc}); a "
+                              f"running job prunes old checkpoints. Nothing was written to "
                               f"{out}; run export again (it takes the newest valid one)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,20 +195,25 @@ def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype, sha
     `tmp`: (files, tensors, weight bytes)."""
     from transformers import GenerationConfig
 
-    config = hf_config(state, dtype)
+    config = hf_config(state, dtype, tokenizer)
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    tokenizer_files = sorted(p.name for p in tokenizer.glob("*") if p.is_file())
+    ours = {"config.json", "generation_config.json", INDEX, PROVENANCE}
+    tokenizer_files = sorted(p.name for p in tokenizer.glob("*") if p.is_file()
+                             and not p.name.startswith(".") and p.name not in ours
+                             and not p.name.endswith(".safetensors"))
     for name in tokenizer_files:
         shutil.copyfile(tokenizer / name, tmp / name)
     weights = adapter.fp32_weights(ckpt, lazy=True)
+    seen: set[int] = set()  # tied weights appear under two names: written once, retied on load
+    weights = {n: w for n, w in weights.items() if not (id(w) in seen or seen.add(id(w)))}
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [(name, itemsize * _numel(adapter.weight_shape(w))) for name, w in weights.items()]
     shards = plan_shards(sizes, shard_bytes)
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     for file, members in zip(names, shards):
-        tensors = {n: adapter.materialize(weights[n]).to(dtype).contiguous() for n in members}
+        tensors = {n: _cast(adapter.materialize(weights[n]), dtype) for n in members}
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(members, file))
         log.info("exported %s: %d tensors", file, len(members))
@@ -179,6 +225,19 @@ def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype, sha
                                              "weight_map": weight_map}, indent=2) + "\n")
         files.append(INDEX)
     return files, len(sizes), total
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors to the export's dtype; integer and bool buffers as they are."""
+    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp directories of exports to `out` whose process is gone (killed mid-export)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -19,15 +19,17 @@ from ..slurm.env import DistEnv
 def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
     """Everything that can be checked before any distributed or GPU work; the data file's
     sidecar (None: synthetic data, or a token file prepared elsewhere)."""
+    if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
+        raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
+                             "config.json; point it at a local Hugging Face model directory")
     meta = None
     if cfg.data.path is not None:
         meta = sidecar.read(cfg.data.path)
         if meta is not None:
-            sidecar.check(cfg, meta)
+            pretrained = (json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
+                          if cfg.model.pretrained_path else None)
+            sidecar.check(cfg, meta, pretrained["vocab_size"] if pretrained else None)
         open_tokens(cfg.data.path, cfg.data.dtype)
-    if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
-        raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
-                             "config.json; point it at a local Hugging Face model directory")
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
     return meta
 

@@ -255,18 +255,31 @@ def token_stream(cfg: Config, paths: RunPaths, dist: Dist) -> TokenStream:
                        cfg.model.vocab_size)
 
 
+SOURCE_STAMP = ".prepared-with-sha256"
+
+
 def keep_tokenizer(data: dict | None, paths: RunPaths, dist: Dist) -> None:
-    """Rank 0 keeps a copy of the tokenizer the data was prepared with (export ships it)."""
-    source = Path((data or {}).get("tokenizer_dir") or "")
-    if not dist.is_main or not data or paths.tokenizer.is_dir():
+    """Rank 0 keeps a copy of the tokenizer the data was prepared with (export ships it): its
+    tokenizer files only (saved by transformers), made again when the data's tokenizer changed."""
+    if not dist.is_main or not data or not data.get("tokenizer_dir"):
         return
-    if not source.is_dir():
-        log.warning("the tokenizer %s the data was prepared with is gone; exports of this run "
-                    "will carry no tokenizer", source)
+    from ..data.prepare import tokenizer_digest
+
+    source, wanted = Path(data["tokenizer_dir"]), str(data.get("tokenizer_sha256"))
+    stamp = paths.tokenizer / SOURCE_STAMP
+    if stamp.is_file() and stamp.read_text() == wanted:
         return
+    if not source.is_dir() or str(tokenizer_digest(source)) != wanted:
+        log.warning("the tokenizer %s the data was prepared with is gone or has changed since; "
+                    "exports of this run carry no tokenizer", source)
+        return
+    from transformers import AutoTokenizer
+
     tmp = paths.tokenizer.with_name(".tokenizer.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    AutoTokenizer.from_pretrained(str(source), local_files_only=True).save_pretrained(tmp)
+    (tmp / SOURCE_STAMP).write_text(wanted)
+    shutil.rmtree(paths.tokenizer, ignore_errors=True)
     os.replace(tmp, paths.tokenizer)
 
 

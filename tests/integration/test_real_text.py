@@ -86,9 +86,13 @@ def test_text_to_tokens_to_a_resumed_run_to_an_export_that_generates(texts_and_t
     exported = subprocess.run([sys.executable, "-m", "telepathy", "export", str(run_dir), "--out",
                                str(out)], capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr
-    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "telepathy-export.json",
+        "tokenizer.json", "tokenizer_config.json"]  # the run's tokenizer, nothing else of it
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert model.config.eos_token_id == tokenizer.eos_token_id == eos  # generation stops there
+    assert model.generation_config.eos_token_id == eos
     prompt = tokenizer("The while statement", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
@@ -105,7 +109,7 @@ def test_a_token_file_the_model_cannot_hold_or_read_is_refused_before_training(
     run = ["--config", support.CONFIG, "--run-dir", str(tmp_path / "run"), "--set",
            f"data.path={corpus}"]
     assert main([*run, "--set", "model.vocab_size=256"]) == 2
-    assert "a vocabulary of 512 tokens, but model.vocab_size=256" in capsys.readouterr().err
+    assert "a vocabulary of 512 tokens, but model.vocab_size is 256" in capsys.readouterr().err
     assert main([*run, *[f"--set={s}" for s in [f"model.vocab_size={VOCAB}", "data.dtype=uint32"]]]) == 2
     assert "holds uint16 tokens" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
@@ -131,3 +135,52 @@ def test_prepare_names_what_is_wrong(texts_and_tokenizer, tmp_path):
     done = prepare(tokenizer_dir, tmp_path / "c.bin", [tmp_path / "missing.txt"])
     assert done.returncode == 2 and "no such text file" in done.stderr
     assert not (tmp_path / "c.bin").exists()
+
+
+def test_prepare_streams_in_blocks_and_the_tokens_decode_to_the_text(texts_and_tokenizer,
+                                                                     tmp_path, monkeypatch):
+    """Blocks of ~2,000 characters (one long line cut too): byte-level BPE gives back the text."""
+    from transformers import AutoTokenizer
+
+    from telepathy.data import prepare
+
+    files, tokenizer_dir = texts_and_tokenizer
+    long_line = tmp_path / "one-line.txt"
+    long_line.write_text(" ".join(["a line without an end"] * 400))  # ~8,800 characters
+    monkeypatch.setattr(prepare, "BLOCK_CHARS", 2000)
+    meta = prepare.prepare(tokenizer_dir, tmp_path / "c.bin", [files[0], long_line], progress=False)
+    tokens = np.fromfile(tmp_path / "c.bin", dtype=np.uint16).tolist()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    assert meta["tokens"] == len(tokens) and [i for i, t in enumerate(tokens) if t == eos] == [
+        tokens.index(eos), len(tokens) - 1]
+    first, second = tokens.index(eos), len(tokens) - 1
+    assert tokenizer.decode(tokens[:first]) == files[0].read_text()
+    assert tokenizer.decode(tokens[first + 1:second]) == long_line.read_text()
+
+
+def test_prepare_refuses_an_eos_outside_the_vocabulary_and_its_own_input(texts_and_tokenizer,
+                                                                         tmp_path):
+    files, tokenizer_dir = texts_and_tokenizer
+    done = subprocess.run([sys.executable, "-m", "telepathy", "data", "prepare", "--tokenizer",
+                           str(tokenizer_dir), "--out", str(tmp_path / "c.bin"), "--eos-id", "70000",
+                           str(files[0])], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--eos-id 70000 is not a token of the tokenizer" in done.stderr
+    done = prepare(tokenizer_dir, files[0], files)
+    assert done.returncode == 2 and "is one of the text files" in done.stderr
+    done = prepare(tokenizer_dir, tmp_path / "c.npy", files)
+    assert done.returncode == 2 and "name it .bin" in done.stderr
+
+
+def test_a_token_file_changed_since_it_was_prepared_is_refused(texts_and_tokenizer, tmp_path,
+                                                                capsys):
+    from telepathy.train.resume import main
+
+    files, tokenizer_dir = texts_and_tokenizer
+    corpus = tmp_path / "corpus.bin"
+    assert prepare(tokenizer_dir, corpus, files[:1]).returncode == 0
+    with open(corpus, "r+b") as f:
+        f.truncate(corpus.stat().st_size - 2)  # one token less
+    assert main(["--config", support.CONFIG, "--run-dir", str(tmp_path / "run"),
+                 *[f"--set={s}" for s in [*SETS, f"data.path={corpus}"]]]) == 2
+    assert "the file changed since it was prepared" in capsys.readouterr().err
