@@ -13,6 +13,7 @@ from .core import exits
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("telepathy.train.resume", "start a run, or resume it from its newest valid checkpoint"),
+    "launch": ("telepathy.launch.cli", "start or resume a run as a submitit job (slurm, local, debug)"),
     "requeue": ("telepathy.slurm.requeue", "after srun: requeue the job (run by the job script)"),
     "plan": ("telepathy.plan.cli", "placements on 1-4 GPUs; which count finishes soonest; submit"),
     "tail": ("telepathy.watch.tail", "watch a run (or every run under a directory)"),

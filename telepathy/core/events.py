@@ -74,9 +74,11 @@ EVENTS: dict[Event, tuple[str, str]] = {
                       "step, exit_code"),
     Event.FINISHED: ("the run reached train.steps", "step"),
     Event.ERROR: ("the training process failed", "error, message"),
-    Event.ALLOCATION_END: ("the job script's requeue step saw the allocation end",
+    Event.ALLOCATION_END: ("the requeue step (job script, launch teardown, local rank 0) saw the "
+                           "allocation end",
                            "exit_code, srun_exit_code, checkpoint_step, slurm_restart_count"),
-    Event.REQUEUE: ("the job requeued itself (scontrol requeue)",
+    Event.REQUEUE: ("the job requeued itself (scontrol requeue; exit 144 under submitit's local "
+                    "executor)",
                     "exit_code, srun_exit_code, checkpoint_step, slurm_restart_count, cause, "
                     "reason, signal"),
     Event.REQUEUE_REFUSED: ("the job was not requeued (bad input, restart cap, crash loop)",

@@ -2,7 +2,9 @@
 
 Pure: callers pass `os.environ` (or a dict in tests); nothing here writes the environment.
 Precedence: torchrun's variables (RANK/WORLD_SIZE), then srun's (SLURM_PROCID with
-SLURM_STEP_NUM_TASKS), else a single process.
+SLURM_STEP_NUM_TASKS), then submitit's local executor's (SUBMITIT_LOCAL_GLOBALID with
+SUBMITIT_LOCAL_NTASKS), else a single process. Under submitit (SUBMITIT_EXECUTOR set) the launcher
+is named `submitit-<executor>`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class DistEnv:
     master_port: int | None
     """None: a single process that picks a free port itself."""
     launcher: str
-    """'torchrun', 'srun' or 'single'."""
+    """'torchrun', 'srun', 'submitit-slurm', 'submitit-local' or 'single'."""
+    job_id: str | None = None
+    """The job's id outside SLURM: `local-<controller pid>` under submitit's local executor."""
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> DistEnv:
@@ -50,7 +54,17 @@ class DistEnv:
                        master_addr=env.get("MASTER_ADDR")
                        or first_host(env.get("SLURM_STEP_NODELIST", "127.0.0.1")),
                        master_port=int(port) if port else 20000 + job_id % 20000,
-                       launcher="srun")
+                       launcher="submitit-slurm" if env.get("SUBMITIT_EXECUTOR") == "slurm"
+                       else "srun")
+        if "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
+            port = env.get("MASTER_PORT")
+            return cls(rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+                       world_size=int(env["SUBMITIT_LOCAL_NTASKS"]),
+                       local_rank=int(env.get("SUBMITIT_LOCAL_LOCALID", "0")),
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       master_port=int(port) if port else None, launcher="submitit-local",
+                       job_id=f"local-{env['SUBMITIT_LOCAL_JOB_ID']}"
+                       if env.get("SUBMITIT_LOCAL_JOB_ID") else None)
         return cls(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=None,
                    launcher="single")
 

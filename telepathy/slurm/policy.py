@@ -39,13 +39,15 @@ def classify_cause(job: Mapping[str, str], now: float, signal_lead_s: int) -> st
     return "user"
 
 
-def this_allocation(events: list[dict[str, Any]], job_id: str, restart_count: int) -> list[dict[str, Any]]:
+def this_allocation(events: list[dict[str, Any]], job_id: str | None,
+                    restart_count: int | None) -> list[dict[str, Any]]:
     """The events of the allocation now ending: from its own `launch` on (none if it never got
-    that far: then the last launch belongs to an earlier allocation)."""
+    that far: then the last launch belongs to an earlier allocation). `restart_count` None: the
+    last launch of `job_id` (a launcher without SLURM's restart count)."""
     for i in range(len(events) - 1, -1, -1):
         e = events[i]
         if e.get("event") == Event.LAUNCH:
-            mine = e.get("job_id") == job_id and e.get("slurm_restart_count") == restart_count
+            mine = e.get("job_id") == job_id and restart_count in (None, e.get("slurm_restart_count"))
             return events[i:] if mine else []
     return []
 

@@ -41,3 +41,12 @@ def job_state(job_id: str, env: dict[str, str] | None = None) -> tuple[str, int]
     """(JobState, Restarts) of a job."""
     fields = show_job(job_id, env=env)
     return fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0"))
+
+
+def sacct(job_ids: list[str], timeout_s: float = 30) -> str:
+    """`sacct -o JobID,State,NodeList --parsable2` for these jobs (raises CommandError on a
+    cluster without accounting storage: "Slurm accounting storage is disabled")."""
+    cmd = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
+    for job_id in job_ids:
+        cmd += ["-j", job_id]
+    return proc.run(cmd, timeout=timeout_s).stdout

@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +79,9 @@ def process_group(env: DistEnv, device: Device) -> Iterator[Dist]:
 
 
 @contextmanager
-def run_lock(dist: Dist, paths: RunPaths, slurm: SlurmEnv) -> Iterator[RunLock]:
+def run_lock(dist: Dist, paths: RunPaths, job_id: str | None) -> Iterator[RunLock]:
     """Rank 0 takes the run lock; every rank learns whether it got it."""
-    lock = RunLock(paths.lock, slurm.job_id)
+    lock = RunLock(paths.lock, job_id)
     refused = None
     if dist.is_main:
         try:
@@ -106,13 +106,13 @@ class RunLogs:
 
 
 @contextmanager
-def run_logs(dist: Dist, paths: RunPaths, slurm: SlurmEnv) -> Iterator[RunLogs]:
+def run_logs(dist: Dist, paths: RunPaths, job_id: str | None) -> Iterator[RunLogs]:
     """events.jsonl and metrics.jsonl (written by rank 0); every event stamped with this
     allocation's restart index, job id and world size. A failure is recorded as an error event."""
     restart = dist.broadcast_object(launches(list(read_jsonl(paths.events)))
                                     if dist.is_main else None)
     writer = JsonlWriter(paths.events) if dist.is_main else NullWriter()
-    events = EventLog(writer, Stamp(restart, slurm.job_id, dist.world_size))
+    events = EventLog(writer, Stamp(restart, job_id, dist.world_size))
     metrics = JsonlWriter(paths.metrics) if dist.is_main else NullWriter()
     try:
         yield RunLogs(events, metrics, restart)
@@ -151,14 +151,16 @@ def time_left(slurm: SlurmEnv) -> float | None:
 
 
 def record_launch(events: EventLog, dist: Dist, env: DistEnv, slurm: SlurmEnv, device: Device,
-                  placement: Plan) -> None:
+                  placement: Plan, logs: Mapping[str, str] | None = None) -> None:
+    """The launch event; `logs` (stdout, stderr) where the launcher knows them (submitit),
+    else SLURM's."""
     layout = placement.layout
     events.emit(Event.LAUNCH, launcher=env.launcher, slurm_restart_count=slurm.restart_count,
                 device="cuda" if device.cuda else "cpu", micro_batch=layout.micro_batch,
                 accum=layout.accum, global_batch=layout.global_batch, offload=placement.offload,
                 plan_mem_gib=round(placement.memory.peak_gib, 2), gpu_mem_gib=device.gpu_mem_gib,
                 plan_notes=list(placement.notes), pid=os.getpid(), host=socket.gethostname(),
-                **(job_logs(slurm) if dist.is_main else {}))
+                **((dict(logs) if logs else job_logs(slurm)) if dist.is_main else {}))
     for note in placement.notes:
         log.warning("placement: %s", note)
 

@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from ..config import Config, PreemptionConfig, load_config
 from ..core import exits, logs
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: PreemptionFlag,
           force: bool, faults: FaultPlan, dump: StateDump = StateDump(),
-          data: dict | None = None) -> int:
+          data: dict | None = None, log_files: Mapping[str, str] | None = None) -> int:
     """The set-up phases (phases.py) in order, then the training loop; the exit code."""
     from ..checkpoint import rng
     from ..checkpoint.manager import CheckpointManager
@@ -55,10 +57,11 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     with ExitStack() as stack:
         dist = stack.enter_context(phases.process_group(env, device))
         logs.set_rank(dist.rank)
-        stack.enter_context(phases.run_lock(dist, paths, slurm))
-        run_logs = stack.enter_context(phases.run_logs(dist, paths, slurm))
-        info = RunInfo(restart=run_logs.restart, job_id=slurm.job_id, data=data)
-        phases.record_launch(run_logs.events, dist, env, slurm, device, placement)
+        job_id = slurm.job_id or env.job_id
+        stack.enter_context(phases.run_lock(dist, paths, job_id))
+        run_logs = stack.enter_context(phases.run_logs(dist, paths, job_id))
+        info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data)
+        phases.record_launch(run_logs.events, dist, env, slurm, device, placement, log_files)
         stack.enter_context(phases.system_monitor(cfg, env, paths))
         checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
                                         async_save=cfg.checkpoint.async_save)
@@ -83,26 +86,38 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         return trainer.run(start.step, start.train_time_s, start.samples_seen)
 
 
+def execute(config: str | Path, run_dir: str | Path, flag: PreemptionFlag,
+            overrides: Sequence[str] = (), force: bool = False,
+            environ: Mapping[str, str] = os.environ, extra_signals: Sequence[str] = (),
+            log_files: Mapping[str, str] | None = None) -> int:
+    """All of `telepathy resume` after its handlers are in place: the exit code.
+
+    `flag` is already installed (for the default signals); it switches to the configured ones
+    plus `extra_signals` (a launcher's own, such as submitit's SIGUSR2) once the config is read.
+    `log_files` names this rank's stdout and stderr files when the launcher knows them.
+    """
+    env = DistEnv.from_mapping(environ)
+    try:
+        cfg = load_config(config, list(overrides))
+        flag.watch([*cfg.preemption.signals, *extra_signals])
+        from .inputs import check_inputs  # numpy and the planner: no torch yet
+
+        data = check_inputs(cfg, env)
+        return train(cfg, RunPaths.at(run_dir), env, SlurmEnv.from_mapping(environ), flag, force,
+                     FaultPlan.from_mapping(environ), StateDump.from_mapping(environ), data, log_files)
+    except TelepathyError as exc:
+        log.error("%s", exc)
+        return exits.BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     # Handlers first, for the default signals, before anything slow: a signal during start-up
     # (config, imports, model build) is kept for the first step boundary, not lost. This module
     # imports nothing heavy at its top for the same reason.
     with PreemptionFlag(PreemptionConfig().signals) as flag:
-        env = DistEnv.from_mapping(os.environ)
-        logs.configure(env.rank)
+        logs.configure(DistEnv.from_mapping(os.environ).rank)
         args = parse_args(argv)
-        try:
-            cfg = load_config(args.config, args.set)
-            flag.watch(cfg.preemption.signals)
-            from .inputs import check_inputs  # numpy and the planner: no torch yet
-
-            data = check_inputs(cfg, env)
-            return train(cfg, RunPaths.at(args.run_dir), env, SlurmEnv.from_mapping(os.environ),
-                         flag, args.force, FaultPlan.from_mapping(os.environ),
-                         StateDump.from_mapping(os.environ), data)
-        except TelepathyError as exc:
-            log.error("%s", exc)
-            return exits.BAD_INPUT
+        return execute(args.config, args.run_dir, flag, args.set, args.force)
 
 
 if __name__ == "__main__":

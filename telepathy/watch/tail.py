@@ -19,7 +19,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,29 @@ def live(target: Path, console: Console, interval_s: float, until_done: bool,
         pass
     console.print(snapshot(target, with_slurm=with_slurm))
     return exits.OK
+
+
+def follow(target: Path, done: Callable[[], bool], interval_s: float = 2.0,
+           with_slurm: bool = True) -> None:
+    """The `--follow` view of a run until `done()` (a launcher's job ended): live in a
+    terminal, plain snapshots otherwise."""
+    interactive = sys.stdout.isatty() and sys.stdin.isatty()
+    if interactive:
+        try:
+            with _keys() as key, Live(snapshot(target, with_slurm=with_slurm), auto_refresh=False,
+                                      screen=True) as view:
+                while not done() and key(interval_s) not in ("q", "Q"):
+                    view.update(snapshot(target, with_slurm=with_slurm), refresh=True)
+        except KeyboardInterrupt:
+            pass
+    console = Console(force_terminal=False, no_color=True, width=120, highlight=False) \
+        if not interactive else Console(highlight=False)
+    while not interactive and not done():
+        if RunPaths.at(target).events.exists():
+            console.print(snapshot(target, with_slurm=with_slurm))
+        time.sleep(interval_s)
+    if RunPaths.at(target).events.exists():
+        console.print(snapshot(target, with_slurm=with_slurm))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,3 +35,26 @@ def test_requeue_append_and_one_rank_per_gpu():
     assert 'srun --ntasks-per-node="$ranks"' in text and "--kill-on-bad-exit=1" in text
     assert "-m telepathy.resume" in text and "-m telepathy.requeue" in text
     assert (ROOT / "runs" / "logs").is_dir(), "sbatch does not create the output directory"
+
+
+def test_the_launchers_batch_shell_lines_are_the_job_scripts():
+    """telepathy.launch renders these lines into submitit's sbatch file: the same as the script's."""
+    from telepathy.slurm.jobspec import AFTER_SRUN, RANK_ENV
+
+    text = SCRIPT.read_text()
+    assert RANK_ENV in text and AFTER_SRUN in text
+    assert text.index(RANK_ENV) < text.index("\nsrun ") < text.index(AFTER_SRUN)
+
+
+def test_the_launchers_sbatch_options_come_from_the_config():
+    from telepathy.slurm.jobspec import sbatch_args
+
+    cfg = load_config(ROOT / "configs" / "llama-1b-h100.yaml")
+    d = directives()
+    for arg in sbatch_args(cfg, cfg.slurm.gpus_per_node):
+        name, value = arg[2:].split("=", 1)
+        script = d[name][0]
+        if name == "time":  # HH:MM:SS in the script, minutes from the config
+            h, m, sec = map(int, script.split(":"))
+            script = str(h * 60 + m + sec // 60)
+        assert script == value, f"--{name}: script {d[name][0]}, config {value}"

@@ -80,12 +80,20 @@ def test_lr_warms_up_linearly_then_decays_to_min_lr():
       "SLURM_STEP_NODELIST": "gpu[07-09]"}, (3, 4, 3, "srun")),
     # a batch script (no srun step) is a single process even inside a job
     ({"SLURM_PROCID": "0", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "4"}, (0, 1, 0, "single")),
+    # submitit: its SLURM ranks are srun's; its local executor's tasks have variables of their own
+    ({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
+      "SLURM_STEP_NODELIST": "gpu07", "SUBMITIT_EXECUTOR": "slurm"}, (1, 2, 1, "submitit-slurm")),
+    ({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1",
+      "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_EXECUTOR": "local", "MASTER_PORT": "29511"},
+     (1, 2, 1, "submitit-local")),
 ])
-def test_dist_env_reads_torchrun_then_srun_then_single(env, expected):
+def test_dist_env_reads_torchrun_then_srun_then_submitit_local_then_single(env, expected):
     d = DistEnv.from_mapping(env)
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == expected
-    if d.launcher == "srun":
-        assert d.master_addr == "gpu07" and d.master_port == 20077
+    if d.launcher in ("srun", "submitit-slurm"):
+        assert d.master_addr == "gpu07" and d.master_port == 20077 and d.job_id is None
+    if d.launcher == "submitit-local":
+        assert (d.master_addr, d.master_port, d.job_id) == ("127.0.0.1", 29511, "local-4242")
 
 
 def test_slurm_env_fields():

@@ -72,3 +72,7 @@ def test_the_allocation_is_judged_by_its_own_events_not_by_srun():
     # an allocation that died before its own launch event keeps srun's status
     assert this_allocation(events, "7", 2) == []
     assert effective_exit(1, this_allocation(events, "7", 2), 75) == 1
+    # a launcher without SLURM's restart count (submitit's local executor): the last launch of
+    # the job, and nothing when the last launch belongs to another job
+    assert this_allocation(events, "7", None) == events[4:]
+    assert this_allocation(events, "local-9", None) == []

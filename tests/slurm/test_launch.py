@@ -1,0 +1,185 @@
+"""Acceptance of telepathy.launch against the real local SLURM cluster: submitit's executor
+submits, SLURM signals, preempts and requeues, `job.results()` reads the result files."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import submitit
+
+import telepathy.launch
+from telepathy.core.errors import TelepathyError
+from telepathy.core.jsonl import wait_for_step
+from telepathy.slurm import scontrol
+from telepathy.slurm.jobspec import sbatch_args
+from tests import support
+from tests.support import CONFIG, RNG, ROOT, SETS
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture
+def slurm_env(cluster, monkeypatch):
+    """This test process submits to the local cluster (submitit runs sbatch with os.environ)."""
+    for key, value in cluster.env().items():
+        monkeypatch.setenv(key, value)
+    return cluster
+
+
+def results(job, timeout=420):
+    """job.results(), but a test fails instead of waiting forever."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        assert time.monotonic() < deadline, f"job {job.job_id} not done: {job.state}\n{logs(job)}"
+        time.sleep(1)
+    return job.results()
+
+
+def final_state(job, timeout=120):
+    """The job's state once SLURM has ended it, asked through submitit's own watcher (which
+    here, without accounting, falls back to scontrol)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job.get_info(mode="force").get("State", "UNKNOWN")
+        if state not in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED", "UNKNOWN"):
+            return state
+        time.sleep(1)
+    raise TimeoutError(f"job {job.job_id} still {job.state}")
+
+
+def logs(job):
+    paths = [job.paths.stdout, job.paths.stderr] if job.num_tasks == 1 else \
+        [p for t in range(job.num_tasks) for p in (job.task(t).paths.stdout, job.task(t).paths.stderr)]
+    return "\n".join(p.read_text(errors="replace")[-3000:] for p in paths if p.exists())
+
+
+def assert_exact(run_dir, reference):
+    got = support.losses(run_dir)
+    assert sorted(got) == sorted(reference)
+    assert [s for s in reference if got[s] != reference[s]] == [], "losses differ after the resume"
+
+
+def requeues(run_dir):
+    return [(e["cause"], e["slurm_restart_count"]) for e in support.events(run_dir, "requeue")]
+
+
+def test_scancel_term_saves_requeues_same_job_resumes_exactly_and_returns_the_summary(
+        slurm_env, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    job = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
+    assert isinstance(job, submitit.Job) and job.num_tasks == 2
+    # The job asks for what slurm/preemptible.slurm asks for, from the same config fields.
+    script = job.paths.submission_file.read_text()
+    cfg = telepathy.launch.api._config(CONFIG, SETS)
+    for arg in [*sbatch_args(cfg, 2), "--requeue", "--ntasks-per-node=2", "--open-mode=append"]:
+        assert f"#SBATCH {arg}\n" in script
+    assert "--kill-on-bad-exit=1" in script and "-m telepathy.launch.node" in script
+    wait_for_step(run_dir / "metrics.jsonl", RNG.randrange(5, 40), 240)
+    scontrol.scancel(job.job_id, signal="TERM")
+    summary, other = results(job)
+    assert final_state(job) == "COMPLETED"  # followed without sacct (no accounting here)
+    assert other is None
+    assert summary["status"] == "finished" and summary["step"] == 60
+    assert summary["restarts"] == 1 and summary["run_dir"] == str(run_dir)
+    assert summary["loss"] == reference(2)[60] and summary["job_id"] == job.job_id
+    assert_exact(run_dir, reference(2))
+    assert requeues(run_dir) == [("user", 0)]
+    events = support.events(run_dir)
+    assert {e["job_id"] for e in events} == {job.job_id}  # requeued under the same id
+    launches = support.events(run_dir, "launch")
+    assert [e["launcher"] for e in launches] == ["submitit-slurm"] * 2
+    assert launches[0]["stdout"] == str(job.task(0).paths.stdout)  # tail finds the log
+    assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 0]
+
+
+def test_two_preemptions_one_by_scancel_one_by_the_high_partition(slurm_env, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    job = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
+    wait_for_step(run_dir / "metrics.jsonl", RNG.randrange(5, 25), 240)
+    scontrol.scancel(job.job_id, signal="TERM")
+    deadline = time.monotonic() + 180
+    while not support.events(run_dir, "resume"):
+        assert time.monotonic() < deadline, logs(job)
+        time.sleep(0.2)
+    resumed = support.events(run_dir, "resume")[0]["step"]
+    wait_for_step(run_dir / "metrics.jsonl", resumed + RNG.randrange(2, 10), 240)
+    high = scontrol.sbatch(None, ["-p", "high", "--gpus-per-node=h100:4",
+                                  f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
+                           cwd=str(tmp_path))
+    summary, _ = results(job)
+    assert summary["restarts"] == 2 and summary["step"] == 60
+    assert scontrol.job_state(high)[0] == "COMPLETED"
+    assert_exact(run_dir, reference(2))
+    assert requeues(run_dir) == [("user", 0), ("preemption", 1)]
+
+
+def test_signals_during_start_up_are_kept_and_honoured(slurm_env, tmp_path, reference):
+    """SIGTERM in the first allocation's start-up, submitit's SIGUSR2 in the second's: each is
+    kept until the first step boundary, saved and requeued (not a crash), and the run exact."""
+    run_dir = tmp_path / "run"
+    job = telepathy.launch.submit(CONFIG, run_dir, gpus=1, overrides=SETS)
+    for restart, sig in enumerate(["TERM", "USR2"]):
+        deadline = time.monotonic() + 180
+        # submitit logs this line once telepathy's handlers are in place (before torch loads).
+        while logs(job).count("Loading pickle") <= restart:
+            assert time.monotonic() < deadline, logs(job)
+            time.sleep(0.05)
+        scontrol.scancel(job.job_id, signal=sig)
+        while len(support.events(run_dir, "requeue")) <= restart:
+            assert time.monotonic() < deadline, logs(job)
+            time.sleep(0.2)
+    summary, = results(job)
+    assert final_state(job) == "COMPLETED"  # the teardown step has recorded the last end
+    assert summary["restarts"] == 2
+    signals = support.events(run_dir, "signal")
+    assert [e["signal"] for e in signals] == ["SIGTERM", "SIGUSR2"]
+    launches = support.events(run_dir, "launch")
+    for signal, launch in zip(signals, launches):
+        assert signal["received_at"] < launch["time"]  # it came before training started
+        assert signal["step"] == 0
+    assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 75, 0]
+    assert_exact(run_dir, reference(1))
+
+
+def test_bad_input_raises_before_anything_is_queued(slurm_env, tmp_path):
+    def queued():
+        return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    before = queued()
+    for sets, why in [(["train.global_batch=0"], "train.global_batch"),
+                      (["data.path=" + str(tmp_path / "missing.bin")], "missing.bin")]:
+        with pytest.raises(TelepathyError) as err:
+            telepathy.launch.submit(CONFIG, tmp_path / "run", gpus=2, overrides=[*SETS, *sets])
+        assert why in str(err.value)
+        # The very message `telepathy resume` gives for the same input.
+        resume = subprocess.run([sys.executable, "-m", "telepathy.resume", "--config", CONFIG,
+                                 "--run-dir", str(tmp_path / "direct"), *[a for s in [*SETS, *sets]
+                                                                          for a in ("--set", s)]],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert resume.returncode == 2 and str(err.value) in resume.stderr
+    with pytest.raises(TelepathyError, match="gpus=5"):
+        telepathy.launch.submit(CONFIG, tmp_path / "run", gpus=5, overrides=SETS)
+    with pytest.raises(TelepathyError, match="executor='pbs'"):
+        telepathy.launch.submit(CONFIG, tmp_path / "run", executor="pbs")
+    assert queued() == before
+    assert not (tmp_path / "run" / "submitit").exists()
+
+
+def test_a_refused_requeue_ends_job_results_with_the_reason(slurm_env, tmp_path):
+    """preemption.max_restarts=0: saved, not requeued; results() raises telepathy's reason at
+    once (no SLURM accounting needed) and the run directory still resumes."""
+    run_dir = tmp_path / "run"
+    job = telepathy.launch.submit(CONFIG, run_dir, gpus=2,
+                                  overrides=[*SETS, "preemption.max_restarts=0"])
+    wait_for_step(run_dir / "metrics.jsonl", 10, 240)
+    scontrol.scancel(job.job_id, signal="TERM")
+    with pytest.raises(submitit.core.utils.FailedJobError) as err:
+        results(job)
+    assert "not requeued: restart cap reached" in str(err.value)
+    assert "stays resumable" in str(err.value)
+    assert final_state(job) == "FAILED"  # the teardown step's exit status
+    again = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
+    summary, _ = results(again)
+    assert summary["step"] == 60 and support.events(run_dir, "resume")[-1]["job_id"] == again.job_id
