@@ -92,6 +92,9 @@ class Training:
                log_files: dict[str, str]) -> int:
         from ..train.resume import execute
 
+        if flag is None and kind in ("slurm", "local"):
+            raise RuntimeError("telepathy.launch.node installed no preemption flag in this rank: a "
+                               "signal that came during start-up would be lost")
         with ExitStack() as stack:
             if flag is None:  # in this process (debug executor): handlers of our own
                 flag = stack.enter_context(PreemptionFlag(["SIGTERM", "SIGUSR1", own_signal]))

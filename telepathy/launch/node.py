@@ -9,6 +9,7 @@ logs) runs with its signal handlers switched off; `Training` finds the flag here
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -26,9 +27,11 @@ def signals() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global flag
     argv = sys.argv[1:] if argv is None else argv
-    flag = PreemptionFlag(signals()).__enter__()
+    installed = PreemptionFlag(signals()).__enter__()
+    # Run as `python -m`, this file is __main__; the callable imports telepathy.launch.node, a
+    # second module object: the flag must be found there.
+    importlib.import_module("telepathy.launch.node").flag = installed
     if len(argv) != 1:
         sys.exit("usage: python -m telepathy.launch.node SUBMITIT_FOLDER")
     from . import adapter

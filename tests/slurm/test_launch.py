@@ -1,6 +1,7 @@
 """Acceptance of telepathy.launch against the real local SLURM cluster: submitit's executor
 submits, SLURM signals, preempts and requeues, `job.results()` reads the result files."""
 
+import json
 import subprocess
 import sys
 import time
@@ -183,3 +184,17 @@ def test_a_refused_requeue_ends_job_results_with_the_reason(slurm_env, tmp_path)
     again = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
     summary, _ = results(again)
     assert summary["step"] == 60 and support.events(run_dir, "resume")[-1]["job_id"] == again.job_id
+
+
+def test_gpus_auto_takes_the_plans_choice_and_a_cancelled_job_does_not_hang(slurm_env, tmp_path):
+    plan = subprocess.run([sys.executable, "-m", "telepathy.plan", "--config", CONFIG, "--slurm",
+                           "--json", *[a for s in SETS for a in ("--set", s)]],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
+    recommended = json.loads(plan.stdout)["recommended_gpus"]
+    job = telepathy.launch.submit(CONFIG, tmp_path / "run", gpus="auto", overrides=SETS)
+    assert job.num_tasks == recommended
+    assert f"#SBATCH --gpus-per-node=h100:{recommended}\n" in job.paths.submission_file.read_text()
+    scontrol.scancel(job.job_id)  # no signal to save on: the job is simply gone
+    assert final_state(job) == "CANCELLED"
+    with pytest.raises(submitit.core.utils.UncompletedJobError):  # raised, never a wait forever
+        results(job, timeout=120)
