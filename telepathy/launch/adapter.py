@@ -33,11 +33,15 @@ log = logging.getLogger("telepathy.launch")
 NODE_MODULE = "telepathy.launch.node"
 LOCAL_RESTART = LOCAL_REQUEUE_RETURN_CODE
 """The exit code on which submitit's local controller starts the tasks again (144)."""
+LOCAL_RUNS = 6
+"""How often submitit's local controller runs a job at most (its Controller.run max_retry)."""
 SUBMITIT_SIGNAL = "SIG" + job_environment.JobEnvironment.USR_SIG
 """submitit's own warning signal, SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise (its
 LocalExecutor's time limit, `job._interrupt()`)."""
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+         "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "GONE")
+"""Final job states. Not PREEMPTED: with PreemptMode=REQUEUE it passes on to PENDING. GONE:
+slurmctld no longer knows the job (MinJobAge passed) and there is no accounting to ask."""
 
 
 def node_command(python: str, folder: Path) -> str:
@@ -53,25 +57,33 @@ class StateWatcher(SlurmInfoWatcher):
         self.accounting: bool | None = None
         """None: not asked yet; False: sacct failed once, scontrol from then on."""
 
+    def is_done(self, job_id: str, mode: str = "standard") -> bool:
+        """Done in a final state only (submitit counts every state it does not list as done:
+        SUSPENDED, CONFIGURING, REQUEUE_HOLD, SIGNALING ...)."""
+        state = self.get_state(job_id, mode=mode).split()
+        return bool(state) and state[0].upper() in ENDED
+
     def update(self) -> None:
         pending = sorted({j.split("_")[0] for j in self._registered - self._finished})
         if not pending:
             return
         self._num_calls += 1
+        asked = False
         if self.accounting is not False:
             try:
                 self._info_dict.update(self.read_info(scontrol.sacct(pending)))
-                self.accounting = True
+                self.accounting = asked = True
             except CommandError as exc:
-                if self.accounting is None:
-                    log.info("no SLURM accounting here (%s): following jobs with scontrol",
-                             exc.stderr.strip()[:200] or exc)
-                self.accounting = False
-        if self.accounting is False:
+                if "accounting storage is disabled" in exc.stderr:
+                    log.info("no SLURM accounting here: following jobs with scontrol")
+                    self.accounting = False  # for good; any other failure: sacct again next time
+        if not asked:
             for job_id in pending:
                 try:
                     fields = scontrol.show_job(job_id)
-                except CommandError:  # forgotten by slurmctld (MinJobAge) or unreachable
+                except CommandError as exc:  # forgotten by slurmctld (MinJobAge), or unreachable
+                    if "Invalid job id" in exc.stderr:
+                        self._info_dict[job_id] = {"JobID": job_id, "State": "GONE"}
                     continue
                 self._info_dict[job_id] = {"JobID": job_id, "State": fields.get("JobState", ""),
                                            "NodeList": fields.get("NodeList", "")}

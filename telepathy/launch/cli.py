@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TelepathyError, CommandError) as exc:
         log.error("%s", exc)
         return exits.BAD_INPUT
+    except Exception as exc:  # submitit's: sbatch refused the job, no srun, a bad parameter
+        log.error("nothing was submitted: %s: %s", type(exc).__name__, exc)
+        return exits.BAD_INPUT
     folder = Path(args.run_dir).absolute() / FOLDER
     print(f"job {job.job_id} ({args.executor} executor, {job.num_tasks} task(s))")
     print(f"submitit folder: {folder}")
@@ -70,15 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"task {task} logs: {paths.stdout} {paths.stderr}")
     if not (args.wait or args.executor == "debug"):
         return exits.OK
-    return wait(job, Path(args.run_dir), args.interval)
+    return wait(job, Path(args.run_dir), args.interval, view=args.executor != "debug")
 
 
-def wait(job, run_dir: Path, interval_s: float) -> int:
-    """Follow the run until the job is done; print its summary (or why it did not finish)."""
+def wait(job, run_dir: Path, interval_s: float, view: bool = True) -> int:
+    """Follow the run until the job is done (the debug executor runs it here, unwatched: a
+    debugger may need the terminal); print its summary, or why it did not finish."""
     from ..watch.tail import follow
 
-    follow(run_dir, lambda: job.done(), interval_s)
     try:
+        if view:
+            follow(run_dir, lambda: job.done(), interval_s)
         result = job.results()[0]
     except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the reason
         print(f"job {job.job_id} ended without finishing:\n{exc}", file=sys.stderr)

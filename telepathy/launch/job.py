@@ -10,6 +10,7 @@ own restart code, to run the tasks again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -78,11 +79,12 @@ class Training:
         env = DistEnv.from_mapping(os.environ)
         job_id = SlurmEnv.from_mapping(os.environ).job_id or env.job_id
         logs.configure(env.rank)
+        runs_before = len(self._launches(job_id))
         code = self._train(node.flag, kind, SUBMITIT_SIGNAL, adapter.log_files())
         if code == exits.FINISHED:
             return summary(Path(self.run_dir), job_id) if env.rank == 0 else None
         if kind == "local":
-            return self._end_local_allocation(code, env)
+            return self._end_local_allocation(code, env, runs_before)
         if kind == "debug":
             raise RunNotFinished(f"the run in {self.run_dir} stopped with exit status {code} "
                                  "(75: saved after a signal); submit again to resume it")
@@ -108,22 +110,32 @@ class Training:
                 log.exception("training failed")
                 return exits.FAILED
 
-    def _end_local_allocation(self, code: int, env: DistEnv) -> dict[str, Any] | None:
-        """Rank 0 applies the requeue policy; exit 144 runs the tasks again."""
-        from .adapter import LOCAL_RESTART
+    def _launches(self, job_id: str | None) -> list[dict[str, Any]]:
+        events = list(read_jsonl(RunPaths.at(self.run_dir).events))
+        return [e for e in of_kind(events, Event.LAUNCH) if e.get("job_id") == job_id]
+
+    def _end_local_allocation(self, code: int, env: DistEnv, runs_before: int
+                              ) -> dict[str, Any] | None:
+        """Rank 0 applies the requeue policy; exit 144 runs the tasks again.
+
+        `runs_before`: this job's launches before this run (this run may have died before its
+        own). submitit's controller runs a job at most LOCAL_RUNS times: the restart cap is
+        lowered to fit, so the last run says why it stops instead of asking in vain."""
+        from .adapter import LOCAL_RESTART, LOCAL_RUNS
 
         if env.rank != 0:
             sys.exit(code)  # never 144: rank 0 alone asks for the restart
-        paths = RunPaths.at(self.run_dir)
-        launches = [e for e in of_kind(list(read_jsonl(paths.events)), Event.LAUNCH)
-                    if e.get("job_id") == env.job_id]
         try:
             cfg = load_config(self.config)
         except TelepathyError as exc:
             raise RunNotFinished(f"the run in {self.run_dir} stopped (exit {code}) and cannot be "
                                  f"requeued: {exc}") from None
-        ending = end_allocation(cfg, paths, env.job_id, max(0, len(launches) - 1), code,
-                                local_cause, match_restart=False)
+        cap = min(cfg.preemption.max_restarts, LOCAL_RUNS - 1)
+        cfg = dataclasses.replace(cfg, preemption=dataclasses.replace(cfg.preemption,
+                                                                      max_restarts=cap))
+        launched = len(self._launches(env.job_id)) > runs_before
+        ending = end_allocation(cfg, RunPaths.at(self.run_dir), env.job_id, runs_before, code,
+                                local_cause, launched=launched)
         if ending.decision.requeue:
             log.info("exiting with %d: submitit's local executor runs the tasks again",
                      LOCAL_RESTART)

@@ -46,16 +46,21 @@ class Ending:
 
 def end_allocation(cfg: Config, paths: RunPaths, job_id: str | None, restart_count: int,
                    exit_code: int, cause_of: Callable[[list[dict[str, Any]]], str | None],
-                   match_restart: bool = True) -> Ending:
+                   launched: bool | None = None) -> Ending:
     """Record the end of the allocation `restart_count` of `job_id` (its training step exited
     with `exit_code`) and decide with the one policy (telepathy.slurm.policy) whether to
     requeue. The job script's requeue step and telepathy.launch both end allocations here.
 
     `cause_of(this allocation's events)` tells why a signal came (asked only after a save on a
-    signal); `match_restart` False finds the allocation by job id alone (no SLURM restart count).
+    signal). `launched`, from a launcher without SLURM's restart count (submitit's local
+    executor): whether this allocation wrote its launch event (then the job's last one is it);
+    None finds it by job id and SLURM restart count.
     """
     history = list(read_jsonl(paths.events))
-    mine = this_allocation(history, job_id, restart_count if match_restart else None)
+    if launched is None:
+        mine = this_allocation(history, job_id, restart_count)
+    else:
+        mine = this_allocation(history, job_id, None) if launched else []
     effective = effective_exit(exit_code, mine, cfg.preemption.exit_code)
     if effective != exit_code:
         log.info("the training step exited with %d, but this allocation's events say %d",

@@ -76,3 +76,39 @@ def test_the_allocation_is_judged_by_its_own_events_not_by_srun():
     # the job, and nothing when the last launch belongs to another job
     assert this_allocation(events, "7", None) == events[4:]
     assert this_allocation(events, "local-9", None) == []
+
+
+def test_an_allocation_that_died_before_its_launch_is_judged_by_its_own_exit(tmp_path):
+    """submitit's local executor has no restart count: a run that failed before writing its own
+    launch event must not inherit the previous run's clean save (and be restarted as one)."""
+    import json
+
+    from telepathy.config import load_config
+    from telepathy.core.paths import RunPaths
+    from telepathy.slurm.requeue import end_allocation
+    from tests.support import CONFIG
+
+    before = [{"event": "launch", "job_id": "local-1", "slurm_restart_count": 0, "restart": 0},
+              {"event": "signal", "step": 30, "job_id": "local-1", "restart": 0},
+              {"event": "preempted", "step": 30, "job_id": "local-1", "restart": 0}]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in before))
+    cfg = load_config(CONFIG)
+    died = end_allocation(cfg, RunPaths.at(tmp_path), "local-1", 1, 2, lambda _: "user",
+                          launched=False)
+    assert died.exit_code == 2 and not died.decision.requeue and "bad input" in died.decision.reason
+    saved = end_allocation(cfg, RunPaths.at(tmp_path), "local-1", 0, 75, lambda _: "user",
+                           launched=True)
+    assert saved.exit_code == 75 and saved.decision.requeue
+
+
+def test_job_states_count_as_ended_only_when_final():
+    from telepathy.launch.adapter import StateWatcher
+
+    w = StateWatcher()
+    for state, done in [("COMPLETED", True), ("CANCELLED by 0", True), ("FAILED", True),
+                        ("GONE", True), ("RUNNING", False), ("PENDING", False),
+                        ("SUSPENDED", False), ("REQUEUE_HOLD", False), ("PREEMPTED", False),
+                        ("CONFIGURING", False), ("", False)]:
+        w._info_dict["7"] = {"State": state}
+        w._registered.add("7")
+        assert w.is_done("7", mode="cache") is done, state
