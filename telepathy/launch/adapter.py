@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 from submitit.core import job_environment, utils
 from submitit.local.debug import DebugExecutor
-from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE, LocalExecutor, LocalJob
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE, LocalExecutor
 from submitit.slurm.slurm import SlurmExecutor, SlurmInfoWatcher, SlurmJob
 
 from ..core.proc import CommandError
@@ -87,16 +89,10 @@ class StateWatcher(SlurmInfoWatcher):
                     continue
                 self._info_dict[job_id] = {"JobID": job_id, "State": fields.get("JobState", ""),
                                            "NodeList": fields.get("NodeList", "")}
-        self._last_status_check = _now()
+        self._last_status_check = time.time()
         for job_id in self._registered - self._finished:
             if self.is_done(job_id, mode="cache"):
                 self._finished.add(job_id)
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
 
 
 class TelepathySlurmJob(SlurmJob):
@@ -112,8 +108,6 @@ class TelepathySlurmExecutor(SlurmExecutor):
 
 
 class TelepathyLocalExecutor(LocalExecutor):
-    job_class = LocalJob
-
     @property
     def _submitit_command_str(self) -> str:
         return node_command(self.python, self.folder)
@@ -148,8 +142,6 @@ def task_paths(folder: Path, job_id: str, task: int) -> utils.JobPaths:
 
 def kind(environ: dict[str, str] | None = None) -> str | None:
     """'slurm', 'local' or 'debug' inside a submitit job; None outside one."""
-    import os
-
     env = os.environ if environ is None else environ
     if "SUBMITIT_DEBUG_JOB_ID" in env:
         return "debug"
@@ -178,8 +170,6 @@ def write_error(folder: Path, job_id: str, task: int, message: str) -> bool:
 def clean_environment() -> Iterator[None]:
     """submitit's `clean_env` (no SLURM_*, SUBMITIT_*, RANK, MASTER_* of an enclosing job leak
     into the new one), keeping SLURM_CONF: the cluster to submit to."""
-    import os
-
     from submitit.helpers import clean_env
 
     conf = os.environ.get("SLURM_CONF")

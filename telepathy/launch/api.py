@@ -76,7 +76,7 @@ def submit(config: str | Path | Config, run_dir: str | Path, *, gpus: int | str 
 
 def _config(config: str | Path | Config, overrides: Sequence[str]) -> Config:
     if isinstance(config, Config):
-        return config_from_dict(dataclasses.asdict(config), list(overrides))
+        return config_from_dict(config.to_dict(), list(overrides))
     if not isinstance(config, (str, Path)):
         raise TelepathyError(f"config={config!r}: pass a YAML path or a telepathy Config")
     return load_config(config, list(overrides))

@@ -45,7 +45,8 @@ def summary(run_dir: Path, job_id: str | None) -> dict[str, Any]:
     step = finished["step"]
     loss = next((m.get("loss") for m in reversed(list(read_jsonl(paths.metrics)))
                  if m.get("step") == step), None)
-    mine = [e for e in of_kind(events, Event.LAUNCH) if e.get("job_id") == job_id]
+    # This job's allocations (none to tell apart without a job id: the debug executor).
+    mine = [e for e in of_kind(events, Event.LAUNCH) if job_id and e.get("job_id") == job_id]
     steps = complete_steps(paths.checkpoints)
     return {"status": "finished", "step": step, "loss": loss,
             "restarts": max(0, len(mine) - 1), "run_dir": str(paths.root.absolute()),
@@ -79,7 +80,7 @@ class Training:
         env = DistEnv.from_mapping(os.environ)
         job_id = SlurmEnv.from_mapping(os.environ).job_id or env.job_id
         logs.configure(env.rank)
-        runs_before = len(self._launches(job_id))
+        runs_before = len(self._launches(job_id)) if kind == "local" and env.rank == 0 else 0
         code = self._train(node.flag, kind, SUBMITIT_SIGNAL, adapter.log_files())
         if code == exits.FINISHED:
             return summary(Path(self.run_dir), job_id) if env.rank == 0 else None
@@ -100,13 +101,13 @@ class Training:
         with ExitStack() as stack:
             if flag is None:  # in this process (debug executor): handlers of our own
                 flag = stack.enter_context(PreemptionFlag(["SIGTERM", "SIGUSR1", own_signal]))
-            if kind == "debug":  # exceptions reach the debugger
-                return execute(self.config, self.run_dir, flag, force=self.force,
-                               extra_signals=[own_signal])
             try:
                 return execute(self.config, self.run_dir, flag, force=self.force,
                                extra_signals=[own_signal], log_files=log_files)
-            except Exception:  # a result file would end the job: the allocation's end decides
+            except Exception:
+                if kind == "debug":  # the debugger gets it
+                    raise
+                # A result file would end the job: the allocation's end decides.
                 log.exception("training failed")
                 return exits.FAILED
 

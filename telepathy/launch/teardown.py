@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..core import exits, logs
+from ..core import logs
 from ..slurm.env import SlurmEnv
 from ..slurm.requeue import requeue_after
 from .job import not_requeued
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         written = [t for t in range(args.tasks)
                    if adapter.write_error(Path(args.folder), job_id, t, message)]
         log.info("result files of task(s) %s say why the job ended", written or "none")
-    return status if status != exits.OK or why_not is None else exits.FAILED
+    return status  # not 0 whenever there is a why_not: the job ends FAILED
 
 
 if __name__ == "__main__":

@@ -177,46 +177,35 @@ def _keys() -> Iterator[Any]:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
 
 
-def live(target: Path, console: Console, interval_s: float, until_done: bool,
-         with_slurm: bool) -> int:
-    """Redraw in the terminal's alternate screen; leave the last snapshot on the normal one."""
-    try:
-        with _keys() as key, Live(snapshot(target, with_slurm=with_slurm), console=console,
-                                  auto_refresh=False, screen=True) as view:
-            while True:
-                if key(interval_s) in ("q", "Q"):
-                    break
-                view.update(snapshot(target, with_slurm=with_slurm), refresh=True)
-                if until_done and RunPaths.at(target).events.exists() and \
-                        load_view(target).state in ("finished", "failed", "stopped"):
-                    break
-    except KeyboardInterrupt:
-        pass
-    console.print(snapshot(target, with_slurm=with_slurm))
-    return exits.OK
+def run_ended(target: Path) -> bool:
+    return RunPaths.at(target).events.exists() and \
+        load_view(target).state in ("finished", "failed", "stopped")
 
 
 def follow(target: Path, done: Callable[[], bool], interval_s: float = 2.0,
            with_slurm: bool = True) -> None:
-    """The `--follow` view of a run until `done()` (a launcher's job ended): live in a
-    terminal, plain snapshots otherwise."""
-    interactive = sys.stdout.isatty() and sys.stdin.isatty()
-    if interactive:
+    """Watch until `done()` (the run ended, or a launcher's job did) or `q`: redrawn in the
+    terminal's alternate screen, leaving the last snapshot on the normal one; without a
+    terminal, a plain snapshot every `interval_s`."""
+    if sys.stdout.isatty() and sys.stdin.isatty():
+        console = Console(highlight=False)
         try:
-            with _keys() as key, Live(snapshot(target, with_slurm=with_slurm), auto_refresh=False,
-                                      screen=True) as view:
+            with _keys() as key, Live(snapshot(target, with_slurm=with_slurm), console=console,
+                                      auto_refresh=False, screen=True) as view:
                 while not done() and key(interval_s) not in ("q", "Q"):
                     view.update(snapshot(target, with_slurm=with_slurm), refresh=True)
         except KeyboardInterrupt:
             pass
-    console = Console(force_terminal=False, no_color=True, width=120, highlight=False) \
-        if not interactive else Console(highlight=False)
-    while not interactive and not done():
-        if RunPaths.at(target).events.exists():
-            console.print(snapshot(target, with_slurm=with_slurm))
-        time.sleep(interval_s)
-    if RunPaths.at(target).events.exists():
         console.print(snapshot(target, with_slurm=with_slurm))
+        return
+    console = Console(force_terminal=False, no_color=True, width=120, highlight=False)
+    while True:
+        ended = done()  # asked first: the last snapshot then shows the end
+        if target.exists():  # a launcher's run directory appears when its job starts
+            console.print(snapshot(target, with_slurm=with_slurm))
+        if ended:
+            return
+        time.sleep(interval_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,16 +226,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return exits.BAD_INPUT
     interactive = sys.stdout.isatty() and sys.stdin.isatty()
-    if args.once or not interactive:
-        console = Console(force_terminal=False, no_color=True, width=120, highlight=False)
-        while True:
-            console.print(snapshot(target, with_slurm=not args.no_slurm))
-            if not args.follow or (RunPaths.at(target).events.exists() and
-                                   load_view(target).state in ("finished", "failed", "stopped")):
-                return exits.OK
-            time.sleep(args.interval)
-    return live(target, Console(highlight=False), args.interval, until_done=args.follow,
-                with_slurm=not args.no_slurm)
+    if args.once or not (interactive or args.follow):
+        Console(force_terminal=False, no_color=True, width=120, highlight=False).print(
+            snapshot(target, with_slurm=not args.no_slurm))
+        return exits.OK
+    follow(target, (lambda: run_ended(target)) if args.follow else (lambda: False), args.interval,
+           with_slurm=not args.no_slurm)
+    return exits.OK
 
 
 if __name__ == "__main__":
