@@ -100,7 +100,9 @@ class Training:
                                "signal that came during start-up would be lost")
         with ExitStack() as stack:
             if flag is None:  # in this process (debug executor): handlers of our own
-                flag = stack.enter_context(PreemptionFlag(["SIGTERM", "SIGUSR1", own_signal]))
+                from .node import signals
+
+                flag = stack.enter_context(PreemptionFlag(signals()))
             try:
                 return execute(self.config, self.run_dir, flag, force=self.force,
                                extra_signals=[own_signal], log_files=log_files)
