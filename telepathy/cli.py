@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("telepathy.data.cli", "prepare: local text through a local tokenizer into tokens"),
     "cluster": ("telepathy.slurm.cluster", "start or stop the local single-node SLURM cluster"),
     "demo": ("telepathy.demo", "show a preemption and an exact resume on the tiny default"),
+    "chaos": ("telepathy.chaos.cli", "inject faults into a job on SLURM; measure every recovery"),
 }
 
 

@@ -61,27 +61,12 @@ def copy_of(tmp_path):
     return copy
 
 
-def _free_port_pair() -> int:
-    import socket
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        try:
-            with socket.socket() as b:
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
-
-
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     """The project's own single-node SLURM cluster, up for the session, down even on failure."""
-    from telepathy.slurm.cluster import LocalCluster
+    from telepathy.slurm.cluster import LocalCluster, free_port_pair
 
-    c = LocalCluster(tmp_path_factory.mktemp("slurm-state"), _free_port_pair(), grace_s=30)
+    c = LocalCluster(tmp_path_factory.mktemp("slurm-state"), free_port_pair(), grace_s=30)
     c.up()
     try:
         yield c

@@ -6,12 +6,15 @@
 # Idempotent. Prints the line to eval: export SLURM_CONF=...
 #
 # Environment: TELEPATHY_SLURM_PORT (slurmctld port, default 6817; slurmd uses +1),
-#              TELEPATHY_SLURM_GRACE_S (preemption grace time, default 60).
+#              TELEPATHY_SLURM_GRACE_S (preemption grace time, default 60),
+#              TELEPATHY_SLURM_NODE_TIMEOUT_S (SlurmdTimeout: a node whose slurmd stops answering
+#              is DOWN after this long and its jobs requeued; default 20, SLURM's own 300).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 state=$(realpath -m "${1:-$here/../../runs/slurm-local}")
 port=${TELEPATHY_SLURM_PORT:-6817}
 grace=${TELEPATHY_SLURM_GRACE_S:-60}
+node_timeout=${TELEPATHY_SLURM_NODE_TIMEOUT_S:-20}
 host=$(hostname -s)
 conf="$state/slurm.conf"
 
@@ -50,6 +53,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerParameters=sched_interval=2,bf_interval=1
 KillWait=10
+SlurmdTimeout=$node_timeout
 MinJobAge=3600
 JobRequeue=1
 PreemptType=preempt/partition_prio

@@ -23,6 +23,8 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,7 +69,9 @@ def fits(free_bytes: int, needed_bytes: int, margin: float = 1.1) -> bool:
 
 class CheckpointManager:
     def __init__(self, paths: RunPaths, dist: Collective, keep: int, faults: FaultPlan = FaultPlan(),
-                 estimate_bytes: int = 0, async_save: bool = True):
+                 estimate_bytes: int = 0, async_save: bool = True,
+                 progress: Callable[[], None] = lambda: None,
+                 timeout_s: float | None = None):
         self.paths = paths
         self.dist = dist
         self.keep = keep
@@ -75,6 +79,8 @@ class CheckpointManager:
         self.estimate_bytes = estimate_bytes
         """Expected size of a checkpoint before the first one exists."""
         self.async_save = async_save
+        self.progress = progress
+        """Called whenever a save makes progress (a file written): the hang watchdog's beat."""
         self.writer: Writer | None = None
         self._pinned = PinnedPool()
         self._saving: Path | None = None
@@ -84,7 +90,8 @@ class CheckpointManager:
         self.recent_seconds: list[float] = []
         """Total seconds (snapshot to manifest) of the last saves that completed."""
         # Background threads exchange file lists on their own group, never on training's.
-        self._group = torch.distributed.new_group(backend="gloo") \
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        self._group = torch.distributed.new_group(backend="gloo", **timeout) \
             if torch.distributed.is_initialized() else None
 
     def attach(self, engine: Any) -> None:
@@ -133,6 +140,7 @@ class CheckpointManager:
                                    save_latest=False)
         finally:
             self._saving = None
+        self.progress()
         (ckpt / "telepathy").mkdir(parents=True, exist_ok=True)
         tensors, meta = rng.capture()
         self.writer.submit_bytes(rank_state_file(self.dist.rank),
@@ -160,6 +168,7 @@ class CheckpointManager:
         try:
             for i, (name, future) in enumerate(jobs):
                 entries[name] = future.result()
+                self.progress()
                 if i == 0:
                     hit("save.file_written")
             for sub in {(ckpt / n).parent for n in entries}:

@@ -114,6 +114,11 @@ class TrainConfig:
     """Log a progress line every this many steps."""
     deterministic: bool = True
     """Use deterministic kernels so that a resumed run repeats the same losses bit for bit."""
+    hang_timeout_s: float = 600
+    """Watchdog: a rank that sees no optimizer step complete and no save make progress for this
+    long dumps every thread's stack, records a `hang` event and exits 124, and the job requeues.
+    Start-up with the first step, and a running save, get the larger of this and twice their
+    longest earlier duration. The process group's collective timeout is twice this."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "must be a positive integer")
@@ -128,6 +133,8 @@ class TrainConfig:
                  (self.beta1, self.beta2), "each must lie in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _require(self.hang_timeout_s >= 10, "train.hang_timeout_s", self.hang_timeout_s,
+                 "must be >= 10 seconds (a step or a save slower than it counts as a hang)")
 
 
 @dataclass
@@ -165,10 +172,12 @@ class PreemptionConfig:
                      f"use signal names from {', '.join(SIGNAL_NAMES)}")
         _require(len(self.signals) >= 1, "preemption.signals", self.signals,
                  "name at least one signal, e.g. [SIGTERM]")
-        _require(self.exit_code not in (exits.FINISHED, exits.FAILED, exits.BAD_INPUT)
+        _require(self.exit_code not in (exits.FINISHED, exits.FAILED, exits.BAD_INPUT,
+                                        exits.OUT_OF_MEMORY, exits.HUNG)
                  and 0 < self.exit_code < 126,
                  "preemption.exit_code", self.exit_code,
-                 "use a code in 3..125 that no crash produces (default 75)")
+                 "use a code in 3..125 other than 76 and 124 (telepathy's out-of-memory and hang "
+                 "exits), which no crash produces (default 75)")
         _require(self.max_restarts >= 0, "preemption.max_restarts", self.max_restarts, "must be >= 0")
         _require(self.crash_loop_limit >= 1, "preemption.crash_loop_limit", self.crash_loop_limit,
                  "must be >= 1")

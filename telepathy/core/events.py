@@ -29,6 +29,8 @@ class Event(StrEnum):
     CHECKPOINT_FAILED = "checkpoint_failed"
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
     OOM_RECOVERED = "oom_recovered"
+    OOM = "oom"
+    HANG = "hang"
     SIGNAL = "signal"
     SAVE_DEADLINE_RISK = "save_deadline_risk"
     PREEMPTED = "preempted"
@@ -66,6 +68,12 @@ EVENTS: dict[Event, tuple[str, str]] = {
                                "step, reason, free_bytes, needed_bytes"),
     Event.OOM_RECOVERED: ("an out-of-memory step was retried with a smaller micro-batch",
                           "step, micro_batch, accum, previous_micro_batch, previous_accum"),
+    Event.OOM: ("a rank ran out of memory beside other ranks: it carried a smaller micro-batch to "
+                "the next allocation and left (exit 76)",
+                "step, rank, micro_batch, accum, next_micro_batch, next_accum, error"),
+    Event.HANG: ("a rank's watchdog saw no step and no save progress for train.hang_timeout_s: "
+                 "stacks in its log, exit 124",
+                 "step, rank, where, frame, idle_s, allowance_s, pid, host"),
     Event.SIGNAL: ("the ranks agreed on a preemption signal at a step boundary",
                    "step, signal, received_at"),
     Event.SAVE_DEADLINE_RISK: ("recent saves took longer than SLURM leaves the job",

@@ -57,6 +57,12 @@ class RunPaths:
         return self.root / f"system-{host}.jsonl"
 
     @property
+    def plan_carry(self) -> Path:
+        """The smaller micro-batch a rank that ran out of memory chose for the allocations after
+        it (JSON); delete it to plan afresh."""
+        return self.root / "plan-carry.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / "run.lock"
 

@@ -41,13 +41,17 @@ def use_cpu_accelerator(override: bool = True) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def init_distributed(backend: str) -> None:
-    """Start DeepSpeed's process group (the variables it reads must be set)."""
+def init_distributed(backend: str, timeout_s: float | None = None) -> None:
+    """Start DeepSpeed's process group (the variables it reads must be set); `timeout_s` bounds
+    every collective (DeepSpeed's default: 600 s)."""
+    from datetime import timedelta
+
     import deepspeed
 
     # A shared-memory collective that JIT-compiles for ~46 s and changes nothing for gloo.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend,
+                               **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
 
 
 def numel(param: torch.nn.Parameter) -> int:

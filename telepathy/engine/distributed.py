@@ -58,12 +58,13 @@ class Dist:
 
 
 def start(rank: int, world_size: int, local_rank: int, master_addr: str,
-          master_port: int | None, cuda: bool) -> Dist:
+          master_port: int | None, cuda: bool, timeout_s: float | None = None) -> Dist:
     """Set the variables DeepSpeed reads, then start the process group (NCCL on CUDA, else
-    gloo); `master_port` None picks a free port (a single process)."""
+    gloo) whose collectives give up after `timeout_s`; `master_port` None picks a free port (a
+    single process)."""
     os.environ.update(MASTER_ADDR=master_addr, RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(local_rank), MASTER_PORT=str(master_port or free_port()))
-    adapter.init_distributed("nccl" if cuda else "gloo")
+    adapter.init_distributed("nccl" if cuda else "gloo", timeout_s)
     if cuda:
         torch.cuda.set_device(local_rank)
         return Dist(rank, world_size, torch.device("cuda", local_rank))

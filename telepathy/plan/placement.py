@@ -50,6 +50,8 @@ class PlanRequest:
     """Fraction of GPU memory a plan may use (the rest: CUDA context, fragmentation)."""
     allow_offload: bool = True
     allow_nearest_global_batch: bool = False
+    max_micro: int | None = None
+    """A cap on the micro-batch: one an out-of-memory error chose in an earlier allocation."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ def plan(req: PlanRequest) -> Plan:
         raise PlanError(f"no size in placement.micro_batch_sizes={list(req.micro_sizes)} divides "
                         f"the per-rank batch {per_rank} (= global batch {gb} / {world} ranks); "
                         "add 1 to the list")
+    if req.max_micro is not None:
+        capped = [m for m in micros if m <= req.max_micro] or micros[-1:]
+        if capped[0] < micros[0]:
+            notes += (f"micro-batch at most {capped[0]} (not {micros[0]}): an earlier allocation "
+                      f"ran out of memory and carried micro-batch {req.max_micro}",)
+        micros = capped
     limit = None if req.gpu_mem_gib is None else req.gpu_mem_gib * GiB * req.headroom
     offloads = OFFLOADS if req.allow_offload and limit is not None else OFFLOADS[:1]
     for offload in offloads:

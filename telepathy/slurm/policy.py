@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from ..core.events import AllocationEnd, Event
-from ..core.exits import BAD_INPUT, FINISHED
+from ..core.exits import BAD_INPUT, FINISHED, HUNG, OUT_OF_MEMORY
 
 # Time limits and --signal are checked every 30 s by slurmctld (compiled in), so the warning
 # arrives between signal_lead_s and signal_lead_s + 30 s before the limit.
@@ -56,12 +56,19 @@ def effective_exit(exit_code: int, events: list[dict[str, Any]], preempt_code: i
     """What the allocation did, from its own events rather than srun's status.
 
     srun reports a rank killed by --kill-on-bad-exit (143, 137) when another rank left first
-    with 75, although the checkpoint was complete; rank 0's events say what happened.
+    with 75, although the checkpoint was complete; rank 0's events say what happened. Likewise a
+    rank's `hang` or `oom` event names why the others were stopped (exits.HUNG, OUT_OF_MEMORY).
     """
     kinds = {e.get("event") for e in events}
     if Event.FINISHED in kinds:
         return FINISHED
-    if kinds & {Event.SIGNAL, Event.PREEMPTED}:
+    if Event.PREEMPTED in kinds:
+        return preempt_code
+    if Event.HANG in kinds:
+        return HUNG
+    if Event.OOM in kinds:
+        return OUT_OF_MEMORY
+    if Event.SIGNAL in kinds:
         return preempt_code
     return exit_code
 
@@ -101,5 +108,9 @@ def decide(history: list[AllocationEnd], restart_count: int, max_restarts: int, 
         return Decision(False, f"crash loop: the last {crash_loop_limit} allocations all failed "
                                f"without getting past the checkpoint of step {last.checkpoint_step}; "
                                "see the job log, fix the cause, then resubmit (the run resumes)")
-    return Decision(True, f"crashed with exit {last.exit_code}; requeueing to resume from the "
-                          f"checkpoint of step {last.checkpoint_step}")
+    what = {HUNG: "hung (exit 124: no progress for train.hang_timeout_s; stacks in the log)",
+            OUT_OF_MEMORY: "ran out of memory on one rank (exit 76; a smaller micro-batch is "
+                           "carried to the next allocation)"}.get(last.exit_code,
+                                                                   f"crashed with exit {last.exit_code}")
+    return Decision(True, f"{what}; requeueing to resume from the checkpoint of step "
+                          f"{last.checkpoint_step}")

@@ -7,6 +7,10 @@ SIGKILL itself when it reaches `<point>` while saving step `<step>` (on every ra
 `step.exception` raises an error instead, and `step.oom` raises torch.OutOfMemoryError, as CUDA
 does, inside the step (after a forward pass); `times=` limits how often a point fires. This is a real
 kill of a real process at a chosen moment, not a mock; unset, every call is a no-op.
+
+`TELEPATHY_FAULT_FILE=<path>` arms faults while the process runs (the chaos harness): the file
+holds specs in the same syntax, read again whenever it changes; the first process to fire one
+deletes the file first, so the fault strikes once, on one rank, in one allocation.
 """
 
 from __future__ import annotations
@@ -34,15 +38,18 @@ class FaultPlan:
     fired: list[int] = field(default_factory=lambda: [0], compare=False)
     more: tuple[FaultPlan, ...] = ()
     """Further faults of the same run (specs separated by ';')."""
+    live: LiveFaults | None = None
+    """Faults armed at run time through TELEPATHY_FAULT_FILE."""
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> FaultPlan:
         specs = [s for s in env.get("TELEPATHY_FAULT", "").split(";") if s]
+        live = LiveFaults(env["TELEPATHY_FAULT_FILE"]) if env.get("TELEPATHY_FAULT_FILE") else None
         if not specs:
-            return cls()
+            return cls(live=live)
         first, *rest = [cls._parse(s) for s in specs]
         return cls(first.point, first.step, first.rank, first.sleep_s, first.times,
-                   more=tuple(rest))
+                   more=tuple(rest), live=live)
 
     @classmethod
     def _parse(cls, spec: str) -> FaultPlan:
@@ -59,19 +66,65 @@ class FaultPlan:
                    float(options.get("sleep") or 0), int(options.get("times") or 0))
 
     def hit(self, point: str, step: int, rank: int) -> None:
+        if self.live is not None:
+            self.live.hit(point, step, rank)
         for other in self.more:
             other.hit(point, step, rank)
+        if self.fires(point, step, rank):
+            self.strike(point, step)
+
+    def fires(self, point: str, step: int, rank: int) -> bool:
+        """Whether this spec fires here (and count it)."""
         if point == self.point and self.step in (ANY_STEP, step) and self.rank in (None, rank):
             if self.times and self.fired[0] >= self.times:
-                return
+                return False
             self.fired[0] += 1
-            if self.sleep_s:
-                time.sleep(self.sleep_s)
+            return True
+        return False
+
+    def strike(self, point: str, step: int) -> None:
+        """Do what this spec does: pause, raise, or SIGKILL this process."""
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+            return
+        if point == "step.exception":
+            raise RuntimeError(f"injected failure at step {step} (TELEPATHY_FAULT)")
+        if point == "step.oom":  # what CUDA raises: a fake of a GPU's memory running out
+            import torch
+            raise torch.OutOfMemoryError(f"injected out-of-memory at step {step} "
+                                         "(TELEPATHY_FAULT)")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LiveFaults:
+    """The specs of a fault file, read again when it changes; consumed when one fires."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._plans: list[FaultPlan] = []
+
+    def hit(self, point: str, step: int, rank: int) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._seen, self._plans = None, []
+            return
+        if (st.st_mtime_ns, st.st_size) != self._seen:
+            self._seen = (st.st_mtime_ns, st.st_size)
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    text = f.read()
+                self._plans = [FaultPlan._parse(s.strip()) for s in text.replace("\n", ";").split(";")
+                               if s.strip()]
+            except (OSError, ValueError):
+                self._plans = []
+        for plan in self._plans:
+            if plan.fires(point, step, rank):
+                try:
+                    os.unlink(self.path)  # once: no other rank or allocation fires it again
+                except FileNotFoundError:
+                    return  # another rank took it first
+                self._plans = []
+                plan.strike(point, step)
                 return
-            if point == "step.exception":
-                raise RuntimeError(f"injected failure at step {step} (TELEPATHY_FAULT)")
-            if point == "step.oom":  # what CUDA raises; a test hook to reach the recovery on CPU
-                import torch
-                raise torch.OutOfMemoryError(f"injected out-of-memory at step {step} "
-                                             "(TELEPATHY_FAULT)")
-            os.kill(os.getpid(), signal.SIGKILL)

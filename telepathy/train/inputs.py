@@ -5,6 +5,7 @@ and no signal is lost."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,9 +35,12 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
     return meta
 
 
-def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None) -> Plan:
-    """The placement of this run on `world_size` ranks (memory unchecked when None)."""
+def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None,
+              max_micro: int | None = None) -> Plan:
+    """The placement of this run on `world_size` ranks (memory unchecked when None), its
+    micro-batch at most `max_micro` (carried after an out-of-memory error)."""
     hf_config = None
     if cfg.model.pretrained_path:
         hf_config = json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
-    return plan(request_for(cfg, world_size, gpu_mem_gib, hf_config))
+    request = request_for(cfg, world_size, gpu_mem_gib, hf_config)
+    return plan(dataclasses.replace(request, max_micro=max_micro) if max_micro else request)

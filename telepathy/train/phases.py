@@ -9,12 +9,13 @@ data stream and the engine, load the checkpoint, and hand over to the trainer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,13 @@ import yaml
 
 from ..checkpoint.directory import Found
 from ..checkpoint.manager import CheckpointManager
-from ..checkpoint.universal import universal_checkpoint
+from ..checkpoint.universal import CONVERT_TIMEOUT_S, universal_checkpoint
 from ..config import Config
 from ..config.trajectory import trajectory_changes
 from ..core.errors import ResumeRefused, RunLocked
 from ..core.eventlog import EventLog
-from ..core.events import Event, Stamp, launches
+from ..core.events import Event, Stamp, launches, of_kind
+from ..core.fsutil import write_json_atomic
 from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
 from ..core.paths import RunPaths
 from ..core.proc import CommandError
@@ -43,6 +45,7 @@ from ..slurm import scontrol
 from ..slurm.env import DistEnv, SlurmEnv
 from ..watch.health import HealthLimits
 from ..watch.monitor import SystemMonitor
+from .watchdog import Hang, Watchdog
 
 log = logging.getLogger("telepathy.resume")
 
@@ -69,11 +72,17 @@ def choose_device(cfg: Config, env: DistEnv) -> Device:
 
 
 # -- the allocation's resources ----------------------------------------------------------------
+def collective_timeout_s(cfg: Config) -> float:
+    """Every collective gives up after twice train.hang_timeout_s: the backstop behind the
+    watchdog, which fires first and says where."""
+    return 2 * cfg.train.hang_timeout_s
+
+
 @contextmanager
-def process_group(env: DistEnv, device: Device) -> Iterator[Dist]:
+def process_group(env: DistEnv, device: Device, timeout_s: float | None = None) -> Iterator[Dist]:
     try:
         yield distributed.start(env.rank, env.world_size, env.local_rank, env.master_addr,
-                                env.master_port, device.cuda)
+                                env.master_port, device.cuda, timeout_s)
     finally:
         distributed.stop()
 
@@ -122,6 +131,85 @@ def run_logs(dist: Dist, paths: RunPaths, job_id: str | None) -> Iterator[RunLog
     finally:
         events.close()
         metrics.close()
+
+
+# -- the hang watchdog and what ranks other than 0 record ---------------------------------------
+@contextmanager
+def any_rank_events(paths: RunPaths, stamp: Stamp) -> Iterator[EventLog]:
+    """Events from whichever rank knows them (a hang, an out-of-memory error): each one O_APPEND
+    write of one line, beside rank 0's open writer (atomic on a local filesystem)."""
+    writer = JsonlWriter(paths.events)
+    try:
+        yield EventLog(writer, stamp)
+    finally:
+        writer.close()
+
+
+@contextmanager
+def watchdog(cfg: Config, paths: RunPaths, dist: Dist,
+             stamp: Callable[[], Stamp]) -> Iterator[Watchdog]:
+    """The hang watchdog of this rank, from now until training ends; a hang is recorded with
+    `stamp()` (the allocation's, once known)."""
+    def record(hang: Hang) -> None:
+        with any_rank_events(paths, stamp()) as events:
+            events.emit(Event.HANG, **hang.fields())
+
+    dog = Watchdog(cfg.train.hang_timeout_s, dist.rank, record).start()
+    try:
+        yield dog
+    finally:
+        dog.stop()
+
+
+@dataclass(frozen=True)
+class Durations:
+    """What earlier allocations of this run measured, for the watchdog's allowances."""
+
+    startup_s: float | None = None
+    """The longest start-up: launch event to the first step's metrics line."""
+    saves_s: tuple[float, ...] = ()
+    """The last three saves' total seconds."""
+
+
+def measured_durations(paths: RunPaths, dist: Dist) -> Durations:
+    """Collective: rank 0 reads events.jsonl and metrics.jsonl, every rank gets the figures."""
+    found = None
+    if dist.is_main:
+        events = list(read_jsonl(paths.events))
+        first_step: dict[int, float] = {}
+        for row in read_jsonl(paths.metrics):
+            if "restart" in row and "time" in row:
+                first_step.setdefault(row["restart"], row["time"])
+        startups = [first_step[e["restart"]] - e["time"] for e in of_kind(events, Event.LAUNCH)
+                    if e.get("restart") in first_step and first_step[e["restart"]] >= e["time"]]
+        saves = [e["seconds"] for e in of_kind(events, Event.CHECKPOINT_SAVED) if "seconds" in e]
+        found = Durations(max(startups) if startups else None, tuple(saves[-3:]))
+    return dist.broadcast_object(found)
+
+
+# -- an out-of-memory error on one rank of several ------------------------------------------------
+def carried_micro_batch(paths: RunPaths) -> dict[str, Any] | None:
+    """The micro-batch an earlier allocation chose after running out of memory, if any."""
+    try:
+        carry = json.loads(paths.plan_carry.read_text())
+        return carry if isinstance(carry.get("micro_batch"), int) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def carry_smaller_layout(paths: RunPaths, dist: Dist, stamp: Callable[[], Stamp], layout: Any,
+                         new: Any, step: int, exc: BaseException) -> None:
+    """This rank ran out of memory beside others: write the smaller micro-batch for the next
+    allocations (atomically) and record an `oom` event, from this rank."""
+    write_json_atomic(paths.plan_carry, {
+        "micro_batch": new.micro_batch, "accum": new.accum, "world_size": new.world_size,
+        "global_batch": new.global_batch, "step": step, "rank": dist.rank, "time": time.time(),
+        "why": f"out of memory on rank {dist.rank} at step {step} with micro-batch "
+               f"{layout.micro_batch} x accum {layout.accum}"})
+    with any_rank_events(paths, stamp()) as events:
+        events.emit(Event.OOM, step=step, rank=dist.rank, micro_batch=layout.micro_batch,
+                    accum=layout.accum, next_micro_batch=new.micro_batch, next_accum=new.accum,
+                    error=str(exc)[:500])
 
 
 def job_logs(slurm: SlurmEnv) -> dict[str, str]:
@@ -211,7 +299,8 @@ class Resumable:
 
 
 def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths, dist: Dist,
-                    events: EventLog, force: bool, data: dict | None = None) -> Resumable:
+                    events: EventLog, force: bool, data: dict | None = None,
+                    watchdog: Watchdog | None = None) -> Resumable:
     """Collective: the newest valid checkpoint (damaged ones set aside, leftovers pruned), checked
     against the config, with a universal copy if the world size changed."""
     started = time.time()
@@ -231,6 +320,9 @@ def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths
         events.emit(Event.CONFIG_FORCED, changes=changes)
     universal = None
     if found.state["world_size"] != dist.world_size:
+        if watchdog is not None:  # ds_to_universal runs under its own timeout
+            watchdog.expect("start-up: converting the checkpoint for another world size",
+                            CONVERT_TIMEOUT_S)
         universal, done = universal_checkpoint(found, paths, dist)
         log.info("checkpoint %s was written by %d ranks, this job has %d: %s universal copy %s",
                  found.path.name, found.state["world_size"], dist.world_size,

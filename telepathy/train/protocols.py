@@ -80,3 +80,21 @@ class Flag(Protocol):
     def name(self) -> str | None: ...
 
     received_at: float | None
+
+
+class Progress(Protocol):
+    """The hang watchdog (`watchdog.Watchdog`) as the trainer sees it."""
+
+    def expect(self, where: str, allowance_s: float | None = None) -> None: ...
+
+    def progress(self, step: int | None = None) -> None: ...
+
+
+class NoWatchdog:
+    """No hang detection (unit tests, tools that drive the trainer by hand)."""
+
+    def expect(self, where: str, allowance_s: float | None = None) -> None:
+        pass
+
+    def progress(self, step: int | None = None) -> None:
+        pass

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from ..config import Config, PreemptionConfig, load_config
 from ..core import exits, logs
 from ..core.errors import TelepathyError
+from ..core.events import Stamp
 from ..core.paths import RunPaths
 from ..slurm.env import DistEnv, SlurmEnv
 from ..testing.faults import FaultPlan
@@ -53,20 +55,35 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     from .trainer import RunInfo, Trainer
 
     device = phases.choose_device(cfg, env)
-    placement = make_plan(cfg, env.world_size, device.gpu_mem_gib)
+    carried = phases.carried_micro_batch(paths)
+    placement = make_plan(cfg, env.world_size, device.gpu_mem_gib,
+                          carried["micro_batch"] if carried else None)
     with ExitStack() as stack:
-        dist = stack.enter_context(phases.process_group(env, device))
+        dist = stack.enter_context(phases.process_group(env, device,
+                                                        phases.collective_timeout_s(cfg)))
         logs.set_rank(dist.rank)
         job_id = slurm.job_id or env.job_id
+        stamp = [Stamp(0, job_id, dist.world_size)]  # the allocation's, once its index is known
+        dog = stack.enter_context(phases.watchdog(cfg, paths, dist, lambda: stamp[0]))
+        dog.expect("start-up: taking the run lock")
         stack.enter_context(phases.run_lock(dist, paths, job_id))
         run_logs = stack.enter_context(phases.run_logs(dist, paths, job_id))
-        info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data)
+        stamp[0] = run_logs.events.stamp
+        durations = phases.measured_durations(paths, dist)
+        info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data,
+                       first_step_allowance_s=2 * durations.startup_s if durations.startup_s
+                       else None)
+        dog.expect("start-up: finding the checkpoint", info.first_step_allowance_s)
         phases.record_launch(run_logs.events, dist, env, slurm, device, placement, log_files)
         stack.enter_context(phases.system_monitor(cfg, env, paths))
         checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
-                                        async_save=cfg.checkpoint.async_save)
+                                        async_save=cfg.checkpoint.async_save,
+                                        progress=dog.progress,
+                                        timeout_s=phases.collective_timeout_s(cfg))
+        checkpoints.recent_seconds = list(durations.saves_s)
         resumable = phases.find_checkpoint(checkpoints, cfg, paths, dist, run_logs.events, force,
-                                           data)
+                                           data, dog)
+        dog.expect("start-up: building the engine", info.first_step_allowance_s)
         phases.write_effective_config(cfg, paths, dist)
         phases.keep_tokenizer(data, paths, dist)
         stream = phases.token_stream(cfg, paths, dist)
@@ -77,11 +94,18 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
         checkpoints.estimate_bytes = 16 * parameters
         rng.seed_all(cfg.train.seed + dist.rank)
+        dog.expect("start-up: loading the checkpoint", info.first_step_allowance_s)
         start = phases.restore(checkpoints, engine, resumable, cfg, run_logs.events,
                                run_logs.restart, parameters, placement, dist, paths)
+
+        def carry(new: Any, step: int, exc: BaseException) -> None:
+            phases.carry_smaller_layout(paths, dist, lambda: stamp[0], trainer.layout, new, step,
+                                        exc)
+
         trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream,
                           placement.layout, checkpoints, flag, run_logs.metrics, run_logs.events,
-                          info, faults, time_left=lambda: phases.time_left(slurm), dump=dump)
+                          info, faults, time_left=lambda: phases.time_left(slurm), dump=dump,
+                          watchdog=dog, carry=carry)
         dump.after_load(engine, dist, start.step)
         return trainer.run(start.step, start.train_time_s, start.samples_seen)
 

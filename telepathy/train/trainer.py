@@ -27,7 +27,7 @@ from ..core.events import Event, SaveResult
 from ..plan.placement import Layout, smaller
 from ..testing.faults import FaultPlan
 from ..testing.statedump import StateDump
-from .protocols import Checkpoints, Collective, DataPosition, Flag, Steps
+from .protocols import Checkpoints, Collective, DataPosition, Flag, NoWatchdog, Progress, Steps
 from .saving import Action, Boundary, decide, step_save, time_due
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,17 @@ class RunInfo:
     job_id: str | None
     data: dict[str, Any] | None = None
     """The token file's sidecar (telepathy data prepare), recorded in every checkpoint."""
+    first_step_allowance_s: float | None = None
+    """How long start-up and the first step may go without progress (watchdog), from the
+    longest earlier start-up; None: train.hang_timeout_s."""
+
+
+class RankOutOfMemory(SystemExit):
+    """This rank ran out of memory while others wait in collectives; the smaller micro-batch is
+    carried to the next allocation. Exits with exits.OUT_OF_MEMORY."""
+
+    def __init__(self) -> None:
+        super().__init__(exits.OUT_OF_MEMORY)
 
 
 class Trainer:
@@ -48,7 +59,8 @@ class Trainer:
                  layout: Layout, checkpoints: Checkpoints, flag: Flag, metrics: Any,
                  events: EventLog, info: RunInfo, faults: FaultPlan = FaultPlan(),
                  time_left: Callable[[], float | None] = lambda: None,
-                 dump: StateDump = StateDump()):
+                 dump: StateDump = StateDump(), watchdog: Progress = NoWatchdog(),
+                 carry: Callable[[Layout, int, BaseException], None] | None = None):
         self.cfg = cfg
         self.dist = dist
         self.steps = steps
@@ -63,6 +75,10 @@ class Trainer:
         self.time_left = time_left
         """Seconds until SLURM ends this job, or None (asked on rank 0 on a signal)."""
         self.dump = dump
+        self.watchdog = watchdog
+        self.carry = carry
+        """Across ranks (world > 1): record the smaller layout for the next allocation (and an
+        `oom` event) before this rank leaves; None: such an error is raised."""
         self.train_time_s = 0.0
         self.last_save_time = time.time()
         self.samples_seen = 0
@@ -86,6 +102,11 @@ class Trainer:
 
         Kept for the rest of this allocation; the next one plans afresh. Raises the error again
         when the micro-batch cannot shrink or the retries of placement.max_oom_retries are spent.
+
+        With other ranks beside this one, retrying here is not safe: they may be waiting in a
+        collective of the step this rank just dropped. This rank then carries the smaller
+        micro-batch to the next allocation (`carry`) and leaves with exits.OUT_OF_MEMORY; the
+        launcher stops the others and the job is requeued.
         """
         new = smaller(self.layout, self.cfg.placement.micro_batch_sizes)
         if new is None or self.oom_recoveries >= self.cfg.placement.max_oom_retries:
@@ -94,6 +115,17 @@ class Trainer:
                       self.layout.micro_batch, self.layout.accum, self.oom_recoveries,
                       self.cfg.placement.max_oom_retries)
             raise exc
+        if self.dist.world_size > 1:
+            if self.carry is None:
+                raise exc
+            log.error("out of memory on rank %d at step %d with micro-batch %d x accum %d: the "
+                      "other ranks may be inside this step's collectives, so this allocation "
+                      "ends here; the next one starts with micro-batch %d x accum %d (global "
+                      "batch %d unchanged) and resumes from the newest checkpoint",
+                      self.dist.rank, step + 1, self.layout.micro_batch, self.layout.accum,
+                      new.micro_batch, new.accum, new.global_batch)
+            self.carry(new, step + 1, exc)
+            raise RankOutOfMemory() from exc
         del exc
         self.steps.drop_partial_step(counters, new)
         self.oom_recoveries += 1
@@ -133,8 +165,10 @@ class Trainer:
                              needed_bytes=needed)
             return False
         self.events.emit(Event.CHECKPOINT_STARTED, step=step, reason=reason)
+        self.watchdog.expect(f"saving checkpoint step {step}", self.save_allowance())
         stall = self.checkpoints.save(self.steps.engine, step, self.state(step), reason,
                                       wait=wait)
+        self.watchdog.expect(f"training after the save of step {step}")
         self.last_save_time = time.time()
         log.info("checkpoint step %d (%s): training blocked %.2f s for the snapshot%s", step,
                  reason, stall, "" if wait else "; writing in the background")
@@ -172,9 +206,15 @@ class Trainer:
         self.events.emit(Event.SAVE_DEADLINE_RISK, step=step, expected_save_s=expected,
                          time_left_s=left)
 
+    def save_allowance(self) -> float | None:
+        """How long a save may go without progress: twice the longest recent save."""
+        expected = self.checkpoints.expected_seconds
+        return None if expected is None else 2 * expected
+
     def finish_in_flight(self, last_saved: int) -> int:
         """Collective: wait for the save in flight; the step of the newest complete checkpoint
         if a save failed on any rank, else `last_saved`."""
+        self.watchdog.expect("waiting for the checkpoint in flight", self.save_allowance())
         self.checkpoints.wait()
         failed, = self.dist.any([self.report_saves()])
         return min(last_saved, self.checkpoints.newest_complete_step()) if failed else last_saved
@@ -224,6 +264,8 @@ class Trainer:
             else samples_seen
         last_saved = start_step
         step = start_step
+        self.watchdog.expect(f"the first step ({start_step + 1}) after start-up",
+                             self.info.first_step_allowance_s)
         while True:
             boundary, last_saved = self.boundary(step, last_saved)
             decision = decide(boundary)
@@ -237,6 +279,8 @@ class Trainer:
             self.train_time_s += elapsed
             self.samples_seen += self.layout.global_batch
             step += 1
+            self.watchdog.progress(step)
+            self.watchdog.expect(f"training step {step + 1}")
             self.log_step(step, total, loss, lr, elapsed)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower train.lr or check "

@@ -79,6 +79,10 @@ def _ending(events: list[dict[str, Any]]) -> str:
     if Event.PREEMPTED in kinds:
         signal = next((e.get("signal") for e in of_kind(events, Event.SIGNAL)), None)
         return f"signal {signal}" if signal else "signal"
+    if Event.HANG in kinds:
+        return "hung (rank {})".format(of_kind(events, Event.HANG)[0].get("rank"))
+    if Event.OOM in kinds:
+        return "out of memory (rank {})".format(of_kind(events, Event.OOM)[0].get("rank"))
     if Event.ERROR in kinds or any(e.get("exit_code") not in (None, 0) for e in requeue):
         return "error"
     return "running"

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support import ROOT
 
 
@@ -40,3 +42,17 @@ def test_export_benchmark_smoke():
     for program in ("telepathy_export", "plain_zero_to_fp32"):
         peaks = result["peaks"][program]
         assert peaks["rss"] > 0 and peaks["anon"] > 0 and peaks["seconds"] > 0
+
+
+@pytest.mark.slurm
+def test_chaos_benchmark_smoke(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.chaos", "--smoke", "--workdir",
+                           str(tmp_path / "soak"), "--picture", str(tmp_path / "t.png")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    fault, = report["faults"]
+    assert fault["kind"] == "rank_kill" and fault["recovered"] and fault["recover_s"] > 0
+    assert report["summary"]["exact"] and report["summary"]["lost_runs"] == 0
+    assert report["by_kind"]["rank_kill"]["count"] == 1
+    assert (tmp_path / "t.png").stat().st_size > 10_000

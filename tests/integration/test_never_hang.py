@@ -1,0 +1,55 @@
+"""Never hang, on real training processes without SLURM: the watchdog ends a rank that stopped
+making progress (stacks in its log, a `hang` event, exit 124), and a rank alone out of memory at
+world size 2 carries the smaller micro-batch to the next run instead of leaving the other rank in
+a collective. (The same through SLURM, with srun, requeue and node failures: tests/slurm.)"""
+
+import json
+
+from telepathy.core import exits
+from telepathy.core.paths import RunPaths
+from tests import support
+
+
+def test_a_rank_stuck_in_a_step_is_ended_by_its_watchdog_and_the_run_resumes_exactly(tmp_path,
+                                                                                     reference):
+    run_dir = tmp_path / "run"
+    # Step 25 blocks for 10 minutes: a dead NFS mount, a stuck driver. The watchdog allows 10 s.
+    rc = support.run(run_dir, sets=["train.hang_timeout_s=10"],
+                     env={"TELEPATHY_FAULT": "step.start@25,sleep=600"})
+    log = support.log_text(run_dir)
+    assert rc == exits.HUNG, log[-3000:]
+    hang, = support.events(run_dir, "hang")
+    assert (hang["rank"], hang["step"], hang["where"]) == (0, 24, "training step 25")
+    assert "faults.py" in hang["frame"] and "in train_step" in hang["frame"]
+    assert 10 <= hang["idle_s"] < 30 and hang["allowance_s"] == 10
+    assert "HANG: rank 0 made no progress" in log
+    assert "most recent call first" in log and "telepathy/testing/faults.py" in log  # the stacks
+    # The same command again resumes from the checkpoint of step 20 and matches the reference.
+    assert support.run(run_dir) == 0, support.log_text(run_dir)[-3000:]
+    assert support.events(run_dir, "resume")[0]["step"] == 20
+    support.assert_same_losses(run_dir, reference(1))
+
+
+def test_one_rank_out_of_memory_ends_the_allocation_and_carries_the_smaller_micro_batch(tmp_path,
+                                                                                        reference):
+    run_dir = tmp_path / "run"
+    # Rank 1 alone runs out of memory inside step 30, after its forward pass: rank 0 is already
+    # in the step's collectives. (The error is raised as CUDA raises it: a fake of a GPU's memory.)
+    rc = support.run(run_dir, world=2, env={"TELEPATHY_FAULT": "step.oom@30:1,times=1"})
+    assert rc != 0, support.log_text(run_dir)[-3000:]
+    oom, = support.events(run_dir, "oom")
+    assert (oom["rank"], oom["step"], oom["micro_batch"], oom["accum"], oom["next_micro_batch"],
+            oom["next_accum"]) == (1, 30, 4, 1, 2, 2)
+    carry = json.loads(RunPaths.at(run_dir).plan_carry.read_text())
+    assert (carry["micro_batch"], carry["accum"], carry["rank"]) == (2, 2, 1)
+    assert not support.events(run_dir, "oom_recovered")  # no retry beside a waiting rank
+    # The next run plans with the carried micro-batch (logged), resumes and finishes.
+    assert support.run(run_dir, world=2) == 0, support.log_text(run_dir)[-3000:]
+    second = support.events(run_dir, "launch")[-1]
+    assert (second["micro_batch"], second["accum"]) == (2, 2)
+    assert any("carried micro-batch 2" in n for n in second["plan_notes"])
+    rows = support.metrics(run_dir)
+    assert {(r["micro_batch"], r["accum"]) for r in rows if r["restart"] == 1} == {(2, 2)}
+    # Bit for bit up to the checkpoint it resumed from; after it, the same samples summed in
+    # another order (micro-batch 2 x 2 instead of 4).
+    support.assert_close_losses(support.losses(run_dir), reference(2), exact_until=20)

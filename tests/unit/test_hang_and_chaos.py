@@ -1,0 +1,143 @@
+"""The pieces of 'never hang' that need no training process: the watchdog's timing and report
+(a real thread, with the process exit replaced), how a hang or a one-rank OOM is judged at the
+end of an allocation, the carried micro-batch, run-time fault files, and the chaos harness's
+loss comparison."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from telepathy.chaos.harness import compare_losses, harness_sets
+from telepathy.config import load_config
+from telepathy.core import exits
+from telepathy.core.errors import ConfigError
+from telepathy.core.events import AllocationEnd
+from telepathy.plan.memory import ModelShape
+from telepathy.plan.placement import PlanRequest, plan
+from telepathy.slurm.policy import decide, effective_exit
+from telepathy.testing.faults import FaultPlan
+from telepathy.train.watchdog import Watchdog
+from tests import support
+
+
+def watchdog(timeout_s, out=None, **kw):
+    exits_seen, hangs = [], []
+    done = threading.Event()
+
+    def exit_(code):
+        exits_seen.append(code)
+        done.set()
+
+    dog = Watchdog(timeout_s, rank=3, on_hang=hangs.append, out=out, backstop=False,
+                   exit=exit_, **kw)
+    dog.poll_s = 0.02
+    return dog, exits_seen, hangs, done
+
+
+def test_the_watchdog_fires_after_the_timeout_without_progress_and_reports_where(tmp_path):
+    log = open(tmp_path / "rank.log", "w+")  # faulthandler writes to a file descriptor
+    dog, exits_seen, hangs, done = watchdog(10, out=log)
+    dog.timeout_s = dog.allowance_s = 0.3  # (the config refuses < 10 s; the thread does not)
+    dog.expect("training step 8")
+    dog.progress(7)
+    started = time.monotonic()
+    with dog:
+        assert done.wait(5)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert exits_seen == [exits.HUNG]
+    hang, = hangs
+    assert (hang.rank, hang.step, hang.where) == (3, 7, "training step 8")
+    assert "test_hang_and_chaos.py" in hang.frame  # the main thread is in this test
+    log.seek(0)
+    stacks = log.read()
+    assert "most recent call first" in stacks and "in _fire" in stacks  # every thread's stack
+
+
+def test_progress_keeps_the_watchdog_quiet_and_an_allowance_extends_a_phase():
+    dog, exits_seen, _, done = watchdog(10)
+    dog.timeout_s = 0.3
+    dog.expect("start-up", allowance_s=1.0)  # a measured start-up: 1 s
+    with dog:
+        assert not done.wait(0.6)  # past the timeout, within the allowance
+        for step in range(10):  # steps every 0.1 s: never idle for 0.3 s
+            dog.expect(f"training step {step + 1}")
+            time.sleep(0.1)
+            dog.progress(step + 1)
+        assert not exits_seen
+        assert done.wait(2)  # then silence: it fires
+    assert exits_seen == [exits.HUNG]
+
+
+def test_a_hang_or_a_one_rank_oom_event_names_the_allocations_end():
+    launch = {"event": "launch"}
+    # srun reports the rank it killed (137) or the one that left (124, 76, 1): the event decides
+    assert effective_exit(137, [launch, {"event": "hang", "rank": 1}], 75) == exits.HUNG
+    assert effective_exit(1, [launch, {"event": "oom", "rank": 0}], 75) == exits.OUT_OF_MEMORY
+    assert effective_exit(137, [launch, {"event": "signal"}, {"event": "preempted"},
+                                {"event": "hang"}], 75) == 75  # saved first: a preemption
+    requeue = decide([AllocationEnd(exits.HUNG, 20)], 0, 50, 3, 75)
+    assert requeue.requeue and "hung (exit 124" in requeue.reason
+    oom = decide([AllocationEnd(exits.OUT_OF_MEMORY, 20)], 0, 50, 3, 75)
+    assert oom.requeue and "smaller micro-batch is carried" in oom.reason
+    # A job that hangs at the same step again and again is a crash loop like any other.
+    stuck = decide([AllocationEnd(exits.HUNG, 20)] * 4, 4, 50, 3, 75)
+    assert not stuck.requeue and "crash loop" in stuck.reason
+
+
+def test_a_carried_micro_batch_caps_the_plan_and_says_so():
+    shape = ModelShape(2, 64, 172, 4, 2, 256, 64)
+    free = plan(PlanRequest(2, shape, 16, (8, 4, 2, 1), 4))
+    capped = plan(PlanRequest(2, shape, 16, (8, 4, 2, 1), 4, max_micro=2))
+    assert (free.layout.micro_batch, free.layout.accum) == (8, 1)
+    assert (capped.layout.micro_batch, capped.layout.accum) == (2, 4)
+    assert capped.global_batch == 16
+    assert any("ran out of memory and carried micro-batch 2" in n for n in capped.notes)
+    assert plan(PlanRequest(2, shape, 16, (8, 4, 2, 1), 4, max_micro=8)).notes == ()
+
+
+def test_the_hang_timeout_and_the_exit_codes_it_reserves_are_checked():
+    with pytest.raises(ConfigError, match="train.hang_timeout_s=5.0 is invalid"):
+        load_config(support.CONFIG, ["train.hang_timeout_s=5"])
+    for code in (exits.OUT_OF_MEMORY, exits.HUNG):
+        with pytest.raises(ConfigError, match="other than 76 and 124"):
+            load_config(support.CONFIG, [f"preemption.exit_code={code}"])
+
+
+def test_a_fault_file_fires_once_on_the_named_rank_and_is_consumed(tmp_path):
+    path = tmp_path / "faults"
+    plans = [FaultPlan.from_mapping({"TELEPATHY_FAULT_FILE": str(path)}) for _ in range(2)]
+    for p in plans:
+        p.hit("step.oom", 5, 0)  # no file yet: nothing
+    path.write_text("step.oom@*:1\n")
+    plans[0].hit("step.oom", 6, 0)  # rank 0: not named
+    assert path.exists()
+    with pytest.raises(Exception, match="injected out-of-memory at step 7"):
+        plans[1].hit("step.oom", 7, 1)
+    assert not path.exists()  # consumed: no other rank, no later allocation fires it
+    plans[1].hit("step.oom", 8, 1)
+    path.write_text("step.start@*,sleep=0.01;step.oom@9:0\n")  # changed: read again
+    before = os.stat(path).st_mtime_ns
+    plans[0].hit("step.start", 9, 0)
+    assert not path.exists() and before
+
+
+def test_chaos_compares_bit_for_bit_and_allows_reduction_order_only_after_an_oom():
+    ref = {s: {"loss": 1.0 + s, "micro_batch": 4} for s in range(1, 6)}
+    same = {s: dict(r) for s, r in ref.items()}
+    assert compare_losses(ref, same)["exact"]
+    smaller = {**same, 5: {"loss": 6.0 * (1 + 1e-6), "micro_batch": 2}}
+    out = compare_losses(ref, smaller)
+    assert out["exact"] and (out["bit_exact_steps"], out["close_steps"]) == (4, 1)
+    drifted = {**same, 4: {"loss": 5.0 * (1 + 1e-9), "micro_batch": 4}}
+    assert compare_losses(ref, drifted)["differing_steps"] == [4]
+    assert not compare_losses(ref, {s: r for s, r in same.items() if s != 3})["exact"]
+
+
+def test_the_harness_gives_every_fault_room_and_restarts():
+    cfg = load_config(support.CONFIG, harness_sets(["rank_kill"] * 30))
+    assert cfg.train.steps >= 20 * 31 and cfg.preemption.max_restarts > 2 * 30
+    assert cfg.train.hang_timeout_s == 45
+    slow = load_config(support.CONFIG, harness_sets(["rank_kill"] * 29 + ["time_limit"]))
+    assert slow.train.steps >= cfg.train.steps + 75 / 0.15  # steps go on until the signal
