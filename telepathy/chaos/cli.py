@@ -17,8 +17,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="telepathy chaos",
         description="Run a job once uninterrupted, then again with N faults injected at seeded "
                     "random moments; report detection and recovery of each and compare every "
-                    "loss with the reference. Exit 0 only when every fault was recovered, no run "
-                    "was lost and the losses match.")
+                    "loss with the reference. Exit 0 only when every fault was detected and "
+                    "recovered, no run was lost, the run directory stayed resumable and the "
+                    "losses match.")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("--faults", type=int, default=4, help="how many faults (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of kinds, moments and ranks")

@@ -218,27 +218,36 @@ def time_limit(target: Target) -> Injected:
 
 
 def bitflip(target: Target) -> Injected:
-    """Flip one byte of the newest complete checkpoint, then SIGKILL a rank so that the next
-    allocation has to read it."""
-    for _, ckpt in candidates(target.paths.checkpoints):
-        manifest = read_manifest(ckpt)
-        if manifest is None:
-            continue
-        names = sorted(manifest["files"])
-        name = target.rng.choice(names)
-        path = ckpt / name
-        size = path.stat().st_size
-        offset = target.rng.randrange(size)
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            byte = f.read(1)
-            f.seek(offset)
-            f.write(bytes([byte[0] ^ 0xFF]))
-        rank, p = target.rank()
-        at = time.time()
-        p.send_signal(signal.SIGKILL)
-        return Injected(at, rank, f"byte {offset} of {ckpt.name}/{name} flipped, then SIGKILL")
-    raise FaultError("no complete checkpoint to flip a byte of yet")
+    """SIGKILL a rank, and once the job's ranks are gone, flip one byte of the newest complete
+    checkpoint: the next allocation must find it damaged and fall back to the one before."""
+    deadline = time.time() + 300
+    while len(_complete(target)) < 2:  # an older one to fall back to
+        if time.time() > deadline:
+            raise FaultError("fewer than 2 complete checkpoints after 300 s")
+        time.sleep(0.2)
+    rank, p = target.rank()
+    at = time.time()
+    p.send_signal(signal.SIGKILL)
+    deadline = time.time() + 60
+    while target.ranks():
+        if time.time() > deadline:
+            raise FaultError("the job's ranks were still running 60 s after one was killed")
+        time.sleep(0.1)
+    ckpt = _complete(target)[0]
+    name = target.rng.choice(sorted(read_manifest(ckpt)["files"]))
+    path = ckpt / name
+    offset = target.rng.randrange(path.stat().st_size)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return Injected(at, rank, f"SIGKILL, then byte {offset} of {ckpt.name}/{name} flipped")
+
+
+def _complete(target: Target) -> list[Path]:
+    """The complete checkpoints, newest first."""
+    return [c for _, c in candidates(target.paths.checkpoints) if read_manifest(c) is not None]
 
 
 def disk_full(target: Target) -> Injected:

@@ -169,6 +169,13 @@ class Harness:
             raise ValueError(f"unknown fault kind(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(KINDS)}")
         self.schedule = self.seeded_schedule()
+        if opts.gpus < 2 and {"rank_hang", "oom_one_rank"} & set(self.schedule):
+            raise ValueError("rank_hang and oom_one_rank need --gpus 2 or more: a stopped rank "
+                             "is noticed by another, and one rank alone retries an "
+                             "out-of-memory step in place")
+        if "disk_full" in self.schedule and os.geteuid() != 0:
+            raise ValueError("disk_full mounts a tmpfs for the run directory and needs root; "
+                             "run as root or leave disk_full out of --kinds")
         self.cfg: Config = load_config(opts.config, [*harness_sets(self.schedule,
                                                                    step_s=0.05 + opts.pace_s),
                                                      *opts.sets])
@@ -176,6 +183,9 @@ class Harness:
         self.owned = False
         self.env: dict[str, str] = {}
         self.mounted: Path | None = None
+        self.jobs: list[str] = []
+        """Every job the harness submitted: cancelled on the way out if still there."""
+        self.target: Target | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def start_cluster(self) -> None:
@@ -195,9 +205,6 @@ class Harness:
         """A 128 MiB tmpfs for the chaos job's run directory, which disk_full fills."""
         mount = self.work / "fs"
         mount.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0:
-            raise FaultError("disk_full mounts a tmpfs for the run directory and needs root; "
-                             "run as root or leave disk_full out of --kinds")
         proc.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)], timeout=30)
         self.mounted = mount
         return mount
@@ -210,7 +217,9 @@ class Harness:
             env["TELEPATHY_FAULT"] = f"step.start@*,sleep={self.opts.pace_s}"
         args = [*sbatch_args(self.cfg, self.opts.gpus), f"--job-name=chaos-{name}",
                 f"--output={self.work}/{name}.out", f"--error={self.work}/{name}.err"]
-        return scontrol.sbatch(str(job_script()), args, env=env, cwd=os.getcwd())
+        job = scontrol.sbatch(str(job_script()), args, env=env, cwd=os.getcwd())
+        self.jobs.append(job)
+        return job
 
     def wait_end(self, job: str, timeout_s: float) -> tuple[str, int]:
         deadline = time.time() + timeout_s
@@ -229,10 +238,22 @@ class Harness:
         try:
             return self._run()
         finally:
-            if self.mounted is not None:
-                proc.run(["umount", "-l", str(self.mounted)], timeout=30, check=False)
-            if self.owned and self.cluster is not None:
-                self.cluster.down()
+            self.clean_up()
+
+    def clean_up(self) -> None:
+        """Cancel what is still queued or running, then unmount and stop the own cluster."""
+        for job in self.jobs:
+            try:
+                if scontrol.job_state(job, env=self.env)[0] not in ENDED:
+                    self.log(f"cancelling job {job}")
+                    scontrol.scancel(job, env=self.env)
+                    self.wait_end(job, 60)
+            except proc.CommandError as exc:
+                self.log(f"could not cancel job {job}: {exc}")
+        if self.mounted is not None:
+            proc.run(["umount", "-l", str(self.mounted)], timeout=30, check=False)
+        if self.owned and self.cluster is not None:
+            self.cluster.down()
 
     def _run(self) -> Result:
         started = time.time()
@@ -244,7 +265,7 @@ class Harness:
             raise RuntimeError(f"the reference job {job} ended {state}; see {self.work}/reference.err")
         reference = last_per_step(list(read_jsonl(RunPaths.at(ref_dir).metrics)))
 
-        fs = self.small_filesystem() if "disk_full" in self.opts.kinds else self.work
+        fs = self.small_filesystem() if "disk_full" in self.schedule else self.work
         run_dir = fs / "run"
         fault_file = self.work / "fault-file"
         fault_file.unlink(missing_ok=True)
@@ -252,6 +273,7 @@ class Harness:
         target = Target(job, RunPaths.at(run_dir), self.cfg, self.env, fault_file, self.rng,
                         self.cluster, fs / "filler" if self.mounted else None,
                         self.cfg.slurm.time_limit_min, self.log)
+        self.target = target
         self.log(f"chaos job {job}: {self.opts.faults} fault(s) of {', '.join(self.opts.kinds)}, "
                  f"seed {self.opts.seed}")
         schedule = self.schedule
@@ -270,7 +292,8 @@ class Harness:
         compare = compare_losses(reference, got)
         finished = bool(of_kind(target.events(), Event.FINISHED))
         summary = {
-            "injected": len([r for r in records if r.error is None]),
+            "injected": len([r for r in records if r.note]),
+            "detected": len([r for r in records if r.detect_s is not None]),
             "recovered": len([r for r in records if r.recovered]),
             "requested": self.opts.faults,
             "lost_runs": 0 if state == "COMPLETED" and finished else 1,
@@ -284,7 +307,7 @@ class Harness:
             "wall_s": round(time.time() - started, 1),
         }
         summary["ok"] = (summary["recovered"] == summary["requested"] == summary["injected"]
-                         and summary["lost_runs"] == 0 and compare["exact"]
+                         == summary["detected"] and summary["lost_runs"] == 0 and compare["exact"]
                          and summary["resumable_always"])
         timeline = [{"t": round(r["time"] - job_start, 2), "step": r["step"], "loss": r["loss"],
                      "restart": r.get("restart")} for r in read_jsonl(target.paths.metrics)]
@@ -343,17 +366,33 @@ class Harness:
         self.log(f"{kind_name} at step {record.step}: {injected.note}")
         limit = self.cfg.train.hang_timeout_s + 180
         since = (injected.since or injected.at) - 0.01
-        recovered_yet = lambda: self.recovered(kind.restarts, target, restart, injected.at)  # noqa: E731
-        detected = self.poll(lambda: kind.detected(target, since) or
-                             (-1.0 if recovered_yet() else None), limit, target)
+
+        def detection() -> float | None:
+            found = kind.detected(target, since)
+            if found is None and kind.restarts and \
+                    self.recovered(True, target, restart, injected.at) is not None:
+                return -1.0  # it came back without a word of the fault: not detected
+            return found
+
+        detected = self.poll(detection, limit, target)
         if detected is not None and detected > 0:
             record.detect_s = max(0.0, detected - injected.at)
         if injected.after is not None:
-            injected.after(target)
-        recovered_at = self.wait_recovery(kind.restarts, target, restart, injected.at, limit + 120)
+            try:
+                injected.after(target)
+            except Exception as exc:  # noqa: BLE001 (recorded; the run goes on or ends below)
+                record.error = f"undoing the fault failed: {type(exc).__name__}: {exc}"
+                self.log(record.error)
+        # Without a restart, recovery is the next save that succeeds after the detection.
+        after = injected.at if kind.restarts or record.detect_s is None else \
+            injected.at + record.detect_s
+        recovered_at = self.wait_recovery(kind.restarts, target, restart, after, limit + 120)
         if recovered_at is not None:
             record.recover_s = recovered_at - injected.at
             record.recovered = True
+            if record.detect_s is None:
+                record.recovered = False
+                record.error = record.error or "recovered, but the fault was never detected"
             if kind.restarts:
                 events = target.events()
                 begun = [e for e in of_kind(events, Event.RESUME, Event.START)

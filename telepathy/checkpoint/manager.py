@@ -249,6 +249,7 @@ class CheckpointManager:
                 rejected.append({"checkpoint": ckpt.name, "problems": [why]})
                 continue
             problems = verify_across(ckpt, manifest, self.dist)
+            self.progress()
             if problems:
                 rejected.append({"checkpoint": ckpt.name, "problems": problems})
                 continue

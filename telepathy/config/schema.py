@@ -118,7 +118,7 @@ class TrainConfig:
     """Watchdog: a rank that sees no optimizer step complete and no save make progress for this
     long dumps every thread's stack, records a `hang` event and exits 124, and the job requeues.
     Start-up with the first step, and a running save, get the larger of this and twice their
-    longest earlier duration. The process group's collective timeout is twice this."""
+    longest recent duration. Collectives give up after twice this (at least 30 minutes)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "must be a positive integer")

@@ -45,3 +45,14 @@ def set_rank(rank: int) -> None:
                 f.rank = rank
     if rank != 0:
         logging.getLogger("telepathy").setLevel(logging.WARNING)
+
+
+def flush() -> None:
+    """Flush every handler and the standard streams (before an os._exit)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -80,12 +80,15 @@ class Decision:
 
 
 def crash_loop(history: list[AllocationEnd], limit: int, preempt_code: int) -> bool:
-    """The last `limit` allocations all crashed and none advanced the newest checkpoint."""
+    """The last `limit` allocations all crashed and none advanced the newest checkpoint.
+
+    An out-of-memory exit (76) is not such a crash: it carried a smaller micro-batch to the
+    next allocation (there are only so many: the micro-batch halves each time)."""
     if len(history) < limit:
         return False
     for i in range(len(history) - limit, len(history)):
         previous = history[i - 1].checkpoint_step if i > 0 else 0
-        crashed = history[i].exit_code not in (FINISHED, preempt_code)
+        crashed = history[i].exit_code not in (FINISHED, preempt_code, OUT_OF_MEMORY)
         if not crashed or history[i].checkpoint_step > previous:
             return False
     return True

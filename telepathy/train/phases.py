@@ -72,10 +72,15 @@ def choose_device(cfg: Config, env: DistEnv) -> Device:
 
 
 # -- the allocation's resources ----------------------------------------------------------------
+MIN_COLLECTIVE_TIMEOUT_S = 1800
+"""Ranks wait in collectives while rank 0 converts a checkpoint for another world size or the
+slowest rank finishes a save: a collective never gives up sooner than this."""
+
+
 def collective_timeout_s(cfg: Config) -> float:
-    """Every collective gives up after twice train.hang_timeout_s: the backstop behind the
-    watchdog, which fires first and says where."""
-    return 2 * cfg.train.hang_timeout_s
+    """Every collective gives up after twice train.hang_timeout_s (at least 30 minutes): the
+    backstop behind the watchdog, which fires first and says where."""
+    return max(2 * cfg.train.hang_timeout_s, MIN_COLLECTIVE_TIMEOUT_S)
 
 
 @contextmanager

@@ -20,7 +20,8 @@ from typing import Any
 from ..config import Config, PreemptionConfig, load_config
 from ..core import exits, logs
 from ..core.errors import TelepathyError
-from ..core.events import Stamp
+from ..core.events import Stamp, launches
+from ..core.jsonl import read_jsonl
 from ..core.paths import RunPaths
 from ..slurm.env import DistEnv, SlurmEnv
 from ..testing.faults import FaultPlan
@@ -63,7 +64,9 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                                                         phases.collective_timeout_s(cfg)))
         logs.set_rank(dist.rank)
         job_id = slurm.job_id or env.job_id
-        stamp = [Stamp(0, job_id, dist.world_size)]  # the allocation's, once its index is known
+        # The allocation's stamp (its index is the number of launches so far, also before its own
+        # launch event is written).
+        stamp = [Stamp(launches(list(read_jsonl(paths.events))), job_id, dist.world_size)]
         dog = stack.enter_context(phases.watchdog(cfg, paths, dist, lambda: stamp[0]))
         dog.expect("start-up: taking the run lock")
         stack.enter_context(phases.run_lock(dist, paths, job_id))
@@ -101,6 +104,10 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         def carry(new: Any, step: int, exc: BaseException) -> None:
             phases.carry_smaller_layout(paths, dist, lambda: stamp[0], trainer.layout, new, step,
                                         exc)
+            # Leave now: unwinding would destroy a process group whose collectives the dropped
+            # step left in flight (NCCL may block there); srun stops the other ranks.
+            logs.flush()
+            os._exit(exits.OUT_OF_MEMORY)
 
         trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream,
                           placement.layout, checkpoints, flag, run_logs.metrics, run_logs.events,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -26,9 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ..core import exits
+from ..core import exits, logs
 
 log = logging.getLogger(__name__)
+
+FIRE_DEADLINE_S = 30
+"""Seconds the watchdog gives its own report (log, stacks, event) before SIGALRM ends the rank."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Watchdog:
         self.allowance_s = timeout_s
         self.step = 0
         self._last = time.monotonic()
+        self._lock = threading.Lock()
+        """Keeps (where, allowance, last) consistent between the trainer and this thread."""
         self._armed_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,15 +98,17 @@ class Watchdog:
     def expect(self, where: str, allowance_s: float | None = None) -> None:
         """Enter a phase: `where` names it; it may last max(timeout, allowance_s) without
         progress. Counts as progress."""
-        self.where = where
-        self.allowance_s = max(self.timeout_s, allowance_s or 0.0)
-        self._last = time.monotonic()
+        with self._lock:
+            self.where = where
+            self.allowance_s = max(self.timeout_s, allowance_s or 0.0)
+            self._last = time.monotonic()
 
     def progress(self, step: int | None = None) -> None:
         """Work was done (a step completed: pass it; a file written). Thread-safe."""
-        if step is not None:
-            self.step = step
-        self._last = time.monotonic()
+        with self._lock:
+            if step is not None:
+                self.step = step
+            self._last = time.monotonic()
 
     # -- the thread -----------------------------------------------------------------------------
     def start(self) -> Watchdog:
@@ -123,9 +131,17 @@ class Watchdog:
         self.stop()
 
     def _run(self) -> None:
+        polled = time.monotonic()
         while not self._stop.wait(self.poll_s):
-            last, allowance = self._last, self.allowance_s
-            idle = time.monotonic() - last
+            now = time.monotonic()
+            if now - polled > max(5.0, 10 * self.poll_s):
+                # This process was stopped (SIGSTOP then SIGCONT, scontrol suspend/resume): the
+                # time it lay still is nobody's hang. Start counting again.
+                self.progress()
+            polled = now
+            with self._lock:
+                last, allowance = self._last, self.allowance_s
+            idle = now - last
             if idle > allowance:
                 self._fire(idle, allowance)
                 return
@@ -139,6 +155,9 @@ class Watchdog:
         return self.out or sys.__stderr__
 
     def _fire(self, idle: float, allowance: float) -> None:
+        # Whatever below blocks (a log on a dead NFS mount is the very case), the process ends:
+        # SIGALRM's default action needs no I/O and no GIL.
+        signal.alarm(FIRE_DEADLINE_S)
         hang = Hang(self.step, self.rank, self.where, main_thread_frame(), idle, allowance)
         self.fired = hang
         if self.backstop:
@@ -158,6 +177,6 @@ class Watchdog:
             self.on_hang(hang)
         except Exception as exc:  # the exit matters more than the record
             log.error("could not record the hang: %s", exc)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+        logs.flush()
         self._exit(self.exit_code)
+        signal.alarm(0)  # (only reached when `exit` is not os._exit: tests)

@@ -53,3 +53,39 @@ def test_one_rank_out_of_memory_ends_the_allocation_and_carries_the_smaller_micr
     # Bit for bit up to the checkpoint it resumed from; after it, the same samples summed in
     # another order (micro-batch 2 x 2 instead of 4).
     support.assert_close_losses(support.losses(run_dir), reference(2), exact_until=20)
+
+
+def test_time_a_process_lay_stopped_is_nobodys_hang():
+    """SIGSTOP for longer than the timeout, then SIGCONT (scontrol suspend/resume does this):
+    the watchdog starts counting again instead of firing at once. The child's steps are lines
+    this test writes, so none comes right after the SIGCONT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\n"
+        "from telepathy.train.watchdog import Watchdog\n"
+        "dog = Watchdog(2.0, backstop=False).start()\n"
+        "for line in sys.stdin:\n"
+        "    dog.progress()\n"
+        "dog.stop()\n")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=support.ROOT, text=True,
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def steps(seconds):
+        for _ in range(int(seconds / 0.3)):
+            child.stdin.write("step\n")
+            child.stdin.flush()
+            time.sleep(0.3)
+
+    steps(3)  # imported and stepping
+    os.kill(child.pid, signal.SIGSTOP)
+    time.sleep(7)
+    os.kill(child.pid, signal.SIGCONT)
+    time.sleep(1.2)  # no step for 1.2 s after waking: within the 2 s timeout
+    steps(2)
+    child.stdin.close()
+    assert child.wait(60) == 0, child.stderr.read()[-2000:]

@@ -25,28 +25,30 @@ def test_a_short_seeded_chaos_run_recovers_every_fault_exactly(cluster, tmp_path
     result = harness.run()
     s = result.summary
     logs = (tmp_path / "chaos" / "chaos.err").read_text(errors="replace")
-    assert s["ok"], (seed, result.to_json(), logs[-4000:])
-    assert (s["injected"], s["recovered"], s["lost_runs"]) == (4, 4, 0)
-    assert s["exact"] and s["close_steps"] == 0 and s["bit_exact_steps"] == s["steps"]
-    assert s["resumable_always"] and s["resumable_samples"] > 10
+    why = f"seed {seed}: {json.dumps(result.to_json())}\n{logs[-3000:]}"
+    assert s["ok"], why
+    assert (s["injected"], s["recovered"], s["lost_runs"]) == (4, 4, 0), why
+    assert s["exact"] and s["close_steps"] == 0 and s["bit_exact_steps"] == s["steps"], why
+    assert s["resumable_always"] and s["resumable_samples"] > 10, why
     faults = {f.kind: f for f in result.faults}
-    assert sorted(faults) == sorted(KINDS)
+    assert sorted(faults) == sorted(KINDS), why
     # 1. One rank SIGKILLed: srun stops the other, the job requeues; trained again within 2 min.
-    assert faults["rank_kill"].detect_s < 15 and faults["rank_kill"].recover_s < 120
-    assert "crashed with exit" in faults["rank_kill"].requeue_cause
+    assert faults["rank_kill"].detect_s < 15 and faults["rank_kill"].recover_s < 120, why
+    assert "crashed with exit" in faults["rank_kill"].requeue_cause, why
     # 2. One rank stopped: the other's watchdog (train.hang_timeout_s=45) ends the allocation.
     hang = faults["rank_hang"]
-    assert 45 <= hang.detect_s < 60 and hang.recover_s < 45 + 120
-    assert hang.requeue_cause.startswith("hung (exit 124")
+    assert 45 <= hang.detect_s < 60 and hang.recover_s < 45 + 120, why
+    assert hang.requeue_cause.startswith("hung (exit 124"), why
     events = list(read_jsonl(tmp_path / "chaos" / "run" / "events.jsonl"))
     # The rank still running noticed (the stopped one, continued by srun's kill, may say so too).
-    assert [e for e in events if e["event"] == "hang" and e["rank"] != hang.rank]
-    assert "most recent call first" in logs and "HANG: rank" in logs  # its stacks in the job log
+    assert [e for e in events if e["event"] == "hang" and e["rank"] != hang.rank], why
+    # its stacks in the job log
+    assert "most recent call first" in logs and "HANG: rank" in logs, why
     # 3. The node failed (slurmd and the job's processes killed), came back, the job resumed.
-    assert faults["node_fail"].recovered and faults["node_fail"].recover_s < 180
+    assert faults["node_fail"].recovered and faults["node_fail"].recover_s < 180, why
     # 4. A SIGKILL inside a save: the previous checkpoint is the one resumed from.
     kill = faults["save_kill"]
-    assert kill.resumed_from < kill.step
+    assert kill.resumed_from < kill.step, why
     # One job id all along, requeued once per fault, every allocation appending to one log.
-    assert {e["job_id"] for e in events} == {s["job_id"]} and s["restarts"] == 4
-    assert json.loads(json.dumps(result.to_json()))["summary"]["exact"] is True
+    assert {e["job_id"] for e in events} == {s["job_id"]} and s["restarts"] == 4, why
+    assert json.loads(json.dumps(result.to_json()))["summary"]["exact"] is True, why

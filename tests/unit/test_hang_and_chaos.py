@@ -141,3 +141,9 @@ def test_the_harness_gives_every_fault_room_and_restarts():
     assert cfg.train.hang_timeout_s == 45
     slow = load_config(support.CONFIG, harness_sets(["rank_kill"] * 29 + ["time_limit"]))
     assert slow.train.steps >= cfg.train.steps + 75 / 0.15  # steps go on until the signal
+
+
+def test_out_of_memory_exits_are_not_a_crash_loop_they_shrink_the_plan():
+    # Micro-batch 8 -> 4 -> 2 -> 1 carried across allocations, no checkpoint in between.
+    history = [AllocationEnd(exits.OUT_OF_MEMORY, 0)] * 3
+    assert decide(history, 3, 50, 3, 75).requeue

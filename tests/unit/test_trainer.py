@@ -16,7 +16,7 @@ from telepathy.core.eventlog import EventLog
 from telepathy.core.events import SaveResult, Stamp
 from telepathy.data.stream import DataPosition
 from telepathy.plan.placement import Layout
-from telepathy.train.trainer import RunInfo, Trainer
+from telepathy.train.trainer import RankOutOfMemory, RunInfo, Trainer
 
 
 class FakeDist:
@@ -278,3 +278,40 @@ def test_a_non_finite_loss_stops_the_run():
     trainer, _, _, _ = make(steps=10, steps_=NanSteps())
     with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
         trainer.run(0)
+
+
+def test_out_of_memory_beside_other_ranks_carries_the_smaller_layout_and_leaves():
+    """World 2: the other rank may be inside the step's collectives, so no retry here."""
+    class TwoRanks(FakeDist):
+        rank, world_size = 1, 2
+
+    steps_ = FakeSteps(oom_at={5: 1})
+    trainer, _, _, _ = make(steps=10, every_steps=0, steps_=steps_, layout=Layout(2, 4, 1))
+    trainer.dist = TwoRanks()
+    carried = []
+    trainer.carry = lambda new, step, exc: carried.append((new, step, type(exc).__name__))
+    with pytest.raises(RankOutOfMemory) as left:
+        trainer.run(0)
+    assert left.value.code == exits.OUT_OF_MEMORY
+    assert carried == [(Layout(2, 2, 2), 5, "OutOfMemoryError")]
+    assert steps_.dropped == []  # the partial step is not retried
+
+
+def test_the_watchdog_hears_of_every_step_and_every_save():
+    class Dog:
+        def __init__(self):
+            self.calls = []
+
+        def expect(self, where, allowance_s=None):
+            self.calls.append(("expect", where, allowance_s))
+
+        def progress(self, step=None):
+            self.calls.append(("progress", step))
+
+    dog = Dog()
+    trainer, _, _, _ = make(steps=4, every_steps=2, watchdog=dog)
+    assert trainer.run(0) == exits.FINISHED
+    assert [c[1] for c in dog.calls if c[0] == "progress"] == [1, 2, 3, 4]
+    wheres = [c[1] for c in dog.calls if c[0] == "expect"]
+    assert wheres[0] == "the first step (1) after start-up"
+    assert "saving checkpoint step 2" in wheres and "saving checkpoint step 4" in wheres
