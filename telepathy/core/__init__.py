@@ -4,5 +4,6 @@ runs programs, logging, and where the shipped scripts and configs are.
 
 May import: the standard library only; nothing else of telepathy.
 `errors`, `exits`, `paths` and `events` are pure; `jsonl`, `eventlog`, `fsutil`, `runlock`,
-`proc`, `logs` and `resources` touch the world (files, locks, processes, logging).
+`proc`, `logs`, `resources` and `background` touch the world (files, locks, processes, logging,
+threads).
 """

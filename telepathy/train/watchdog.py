@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..core import exits, logs
+from ..core.background import Background
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ def main_thread_frame(depth: int = 4) -> str:
     return " <- ".join(where) or "unknown"
 
 
-class Watchdog:
+class Watchdog(Background):
     """Start with `start()`; the training process calls `expect` when it enters a phase with its
     own allowance and `progress` whenever work is done (from any thread)."""
+
+    thread_name = "telepathy-watchdog"
 
     def __init__(self, timeout_s: float, rank: int = 0,
                  on_hang: Callable[[Hang], None] = lambda hang: None,
@@ -89,8 +92,7 @@ class Watchdog:
         self._lock = threading.Lock()
         """Keeps (where, allowance, last) consistent between the trainer and this thread."""
         self._armed_at: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self.poll_s = min(1.0, timeout_s / 20)
         self.fired: Hang | None = None
 
@@ -111,15 +113,8 @@ class Watchdog:
             self._last = time.monotonic()
 
     # -- the thread -----------------------------------------------------------------------------
-    def start(self) -> Watchdog:
-        self._thread = threading.Thread(target=self._run, name="telepathy-watchdog", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        super().stop()
         if self.backstop and self._armed_at is not None:
             faulthandler.cancel_dump_traceback_later()
             self._armed_at = None

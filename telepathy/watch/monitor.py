@@ -10,13 +10,13 @@ import logging
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from ..core.background import Background
 from ..core.jsonl import JsonlWriter
 from .health import HealthLimits, conditions
 
@@ -50,15 +50,16 @@ class _Gpus:
         return out
 
 
-class SystemMonitor:
+class SystemMonitor(Background):
+    thread_name = "telepathy-monitor"
+
     def __init__(self, path: Path, run_dir: Path, interval_s: float,
                  limits: HealthLimits = HealthLimits()):
         self.path = path
         self.run_dir = run_dir
         self.interval_s = interval_s
         self.limits = limits
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._process = psutil.Process()
         self._history: list[dict[str, Any]] = []
         self._warned: set[str] = set()
@@ -103,12 +104,3 @@ class SystemMonitor:
             log.info("monitor: cleared: %s", key)
         self._warned = set(now)
 
-    def start(self) -> SystemMonitor:
-        self._thread = threading.Thread(target=self._run, name="telepathy-monitor", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
