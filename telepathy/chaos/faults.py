@@ -319,5 +319,6 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("disk_full", disk_full, event_after(Event.CHECKPOINT_SKIPPED, Event.CHECKPOINT_FAILED),
          restarts=False, needs="root, to mount a tmpfs under the run directory"),
     Kind("node_fail", node_fail, node_down, needs="the project's local cluster"),
-    Kind("oom_one_rank", oom_one_rank, event_after(Event.OOM)),
+    # (At the smallest micro-batch the error is a plain crash: no `oom`, the allocation ends.)
+    Kind("oom_one_rank", oom_one_rank, event_after(Event.OOM, Event.ALLOCATION_END)),
 ]}

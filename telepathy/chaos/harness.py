@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -209,11 +210,12 @@ class Harness:
         self.mounted = mount
         return mount
 
-    def submit(self, name: str, run_dir: Path, extra_env: dict[str, str]) -> str:
+    def submit(self, name: str, run_dir: Path, extra_env: dict[str, str] | None = None,
+               pace: bool = True) -> str:
         config = self.work / "config.yaml"
         env = {**self.env, "TELEPATHY_CONFIG": str(config), "TELEPATHY_RUN_DIR": str(run_dir),
-               "TELEPATHY_PYTHON": sys.executable, **extra_env}
-        if self.opts.pace_s > 0:
+               "TELEPATHY_PYTHON": sys.executable, **(extra_env or {})}
+        if self.opts.pace_s > 0 and pace:
             env["TELEPATHY_FAULT"] = f"step.start@*,sleep={self.opts.pace_s}"
         args = [*sbatch_args(self.cfg, self.opts.gpus), f"--job-name=chaos-{name}",
                 f"--output={self.work}/{name}.out", f"--error={self.work}/{name}.err"]
@@ -289,7 +291,27 @@ class Harness:
                 ready_since = time.time()
             state, restarts = self.wait_end(job, 120 + 3 * self.cfg.train.steps)
         got = last_per_step(list(read_jsonl(target.paths.metrics)))
-        compare = compare_losses(reference, got)
+        plain = compare_losses(reference, got)
+        kept = self.work / "chaos-run"  # the run's logs outlive its tmpfs
+        kept.mkdir(exist_ok=True)
+        for path in (target.paths.events, target.paths.metrics, target.paths.plan_carry):
+            if path.exists():
+                shutil.copy(path, kept / path.name)
+        if target.paths.plan_carry.exists():
+            # An out-of-memory error changed the micro-batch from some step on: the exact
+            # reference is an uninterrupted run given the same plan.
+            same = RunPaths.at(self.work / "reference-same-plan")
+            same.root.mkdir(parents=True, exist_ok=True)
+            shutil.copy(target.paths.plan_carry, same.plan_carry)
+            ref_job = self.submit("reference-same-plan", same.root, pace=False)
+            self.log(f"reference job {ref_job} with the chaos run's carried micro-batches")
+            if self.wait_end(ref_job, 60 + 2 * self.cfg.train.steps)[0] != "COMPLETED":
+                raise RuntimeError(f"the reference job {ref_job} failed; see "
+                                   f"{self.work}/reference-same-plan.err")
+            compare = compare_losses(last_per_step(list(read_jsonl(same.metrics))), got,
+                                     close_allowed=False)
+        else:
+            compare = compare_losses(reference, got, close_allowed=False)
         finished = bool(of_kind(target.events(), Event.FINISHED))
         summary = {
             "injected": len([r for r in records if r.note]),
@@ -298,6 +320,7 @@ class Harness:
             "requested": self.opts.faults,
             "lost_runs": 0 if state == "COMPLETED" and finished else 1,
             **compare,
+            "vs_reference_without_oom": plain,
             "resumable_always": all(r.resumable for r in records) and not sampler.bad,
             "resumable_samples": sampler.samples,
             "job_id": job, "job_state": state, "restarts": restarts,
@@ -443,10 +466,11 @@ class Harness:
                          target)
 
 
-def compare_losses(reference: dict[int, dict[str, Any]],
-                   got: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def compare_losses(reference: dict[int, dict[str, Any]], got: dict[int, dict[str, Any]],
+                   close_allowed: bool = True) -> dict[str, Any]:
     """Every step's loss against the reference: bit for bit where the micro-batch is the
-    reference's, within CLOSE_RTOL where an out-of-memory error made it smaller."""
+    reference's, and (`close_allowed`) within CLOSE_RTOL where an out-of-memory error made it
+    smaller."""
     missing = sorted(set(reference) - set(got))
     bit, close, bad, worst = 0, 0, [], 0.0
     for step in sorted(set(reference) & set(got)):
@@ -455,7 +479,7 @@ def compare_losses(reference: dict[int, dict[str, Any]],
             bit += 1
             continue
         rel = abs(a["loss"] - b["loss"]) / max(abs(a["loss"]), 1e-12)
-        if b.get("micro_batch") != a.get("micro_batch") and rel <= CLOSE_RTOL:
+        if close_allowed and b.get("micro_batch") != a.get("micro_batch") and rel <= CLOSE_RTOL:
             close += 1
             worst = max(worst, rel)
         else:

@@ -58,8 +58,8 @@ class RunPaths:
 
     @property
     def plan_carry(self) -> Path:
-        """The smaller micro-batch a rank that ran out of memory chose for the allocations after
-        it (JSON); delete it to plan afresh."""
+        """The smaller micro-batches ranks that ran out of memory chose, each from the step where
+        it struck, for the allocations after them (JSON); delete it to plan afresh."""
         return self.root / "plan-carry.json"
 
     @property

@@ -193,24 +193,37 @@ def measured_durations(paths: RunPaths, dist: Dist) -> Durations:
 
 
 # -- an out-of-memory error on one rank of several ------------------------------------------------
-def carried_micro_batch(paths: RunPaths) -> dict[str, Any] | None:
-    """The micro-batch an earlier allocation chose after running out of memory, if any."""
+def carried_layouts(paths: RunPaths) -> list[dict[str, Any]]:
+    """The micro-batches out-of-memory errors on one rank chose, each from the step where it
+    struck (RunPaths.plan_carry), in step order; empty when none."""
     try:
-        carry = json.loads(paths.plan_carry.read_text())
-        return carry if isinstance(carry.get("micro_batch"), int) else None
+        carries = json.loads(paths.plan_carry.read_text()).get("carries")
     except (OSError, ValueError, AttributeError):
-        return None
+        return []
+    good = [c for c in carries or [] if isinstance(c, dict)
+            and isinstance(c.get("from_step"), int) and isinstance(c.get("micro_batch"), int)]
+    return sorted(good, key=lambda c: c["from_step"])
+
+
+def micro_cap(carries: list[dict[str, Any]], step: int) -> int | None:
+    """The micro-batch cap in force at optimizer step `step` (1-based); None: no cap."""
+    caps = [c["micro_batch"] for c in carries if c["from_step"] <= step]
+    return min(caps) if caps else None
 
 
 def carry_smaller_layout(paths: RunPaths, dist: Dist, stamp: Callable[[], Stamp], layout: Any,
                          new: Any, step: int, exc: BaseException) -> None:
-    """This rank ran out of memory beside others: write the smaller micro-batch for the next
-    allocations (atomically) and record an `oom` event, from this rank."""
-    write_json_atomic(paths.plan_carry, {
-        "micro_batch": new.micro_batch, "accum": new.accum, "world_size": new.world_size,
-        "global_batch": new.global_batch, "step": step, "rank": dist.rank, "time": time.time(),
-        "why": f"out of memory on rank {dist.rank} at step {step} with micro-batch "
-               f"{layout.micro_batch} x accum {layout.accum}"})
+    """This rank ran out of memory at step `step` beside others: add the smaller micro-batch,
+    from that step on, to the plan carried to the next allocations (written atomically), and
+    record an `oom` event, from this rank. Steps before it keep the micro-batch they had, so a
+    run is the same whichever allocation trains them."""
+    carries = [c for c in carried_layouts(paths) if c["from_step"] != step]
+    carries.append({"from_step": step, "micro_batch": new.micro_batch, "accum": new.accum,
+                    "world_size": new.world_size, "global_batch": new.global_batch,
+                    "rank": dist.rank, "time": time.time(),
+                    "why": f"out of memory on rank {dist.rank} at step {step} with micro-batch "
+                           f"{layout.micro_batch} x accum {layout.accum}"})
+    write_json_atomic(paths.plan_carry, {"carries": sorted(carries, key=lambda c: c["from_step"])})
     with any_rank_events(paths, stamp()) as events:
         events.emit(Event.OOM, step=step, rank=dist.rank, micro_batch=layout.micro_batch,
                     accum=layout.accum, next_micro_batch=new.micro_batch, next_accum=new.accum,

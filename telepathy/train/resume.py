@@ -9,6 +9,7 @@ requeue, 2 bad input, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -56,9 +57,19 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     from .trainer import RunInfo, Trainer
 
     device = phases.choose_device(cfg, env)
-    carried = phases.carried_micro_batch(paths)
-    placement = make_plan(cfg, env.world_size, device.gpu_mem_gib,
-                          carried["micro_batch"] if carried else None)
+    placement = make_plan(cfg, env.world_size, device.gpu_mem_gib)
+    carries = phases.carried_layouts(paths)
+
+    def layout_at(step: int) -> Any:
+        """The layout of optimizer step `step`: capped from where an OOM struck on."""
+        cap = phases.micro_cap(carries, step)
+        return placement.layout if cap is None else \
+            make_plan(cfg, env.world_size, device.gpu_mem_gib, cap).layout
+
+    if carries:
+        placement = dataclasses.replace(placement, notes=placement.notes + tuple(
+            f"micro-batch at most {c['micro_batch']} from step {c['from_step']} ({c['why']}; "
+            f"{paths.plan_carry.name}: delete it to plan afresh)" for c in carries))
     with ExitStack() as stack:
         dist = stack.enter_context(phases.process_group(env, device,
                                                         phases.collective_timeout_s(cfg)))
@@ -90,7 +101,11 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         phases.write_effective_config(cfg, paths, dist)
         phases.keep_tokenizer(data, paths, dist)
         stream = phases.token_stream(cfg, paths, dist)
-        engine = build_engine(cfg, placement.layout, device.cuda, placement.offload,
+        first = (resumable.found.step if resumable.found else 0) + 1
+        layout = layout_at(first)
+        switches = [(c["from_step"], layout_at(c["from_step"])) for c in carries
+                    if c["from_step"] > first]
+        engine = build_engine(cfg, layout, device.cuda, placement.offload,
                               load_universal=resumable.universal is not None)
         checkpoints.attach(engine)
         parameters = count_parameters(engine)
@@ -110,9 +125,9 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
             os._exit(exits.OUT_OF_MEMORY)
 
         trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream,
-                          placement.layout, checkpoints, flag, run_logs.metrics, run_logs.events,
+                          layout, checkpoints, flag, run_logs.metrics, run_logs.events,
                           info, faults, time_left=lambda: phases.time_left(slurm), dump=dump,
-                          watchdog=dog, carry=carry)
+                          watchdog=dog, carry=carry, switches=switches)
         dump.after_load(engine, dist, start.step)
         return trainer.run(start.step, start.train_time_s, start.samples_seen)
 

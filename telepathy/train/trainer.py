@@ -60,7 +60,8 @@ class Trainer:
                  events: EventLog, info: RunInfo, faults: FaultPlan = FaultPlan(),
                  time_left: Callable[[], float | None] = lambda: None,
                  dump: StateDump = StateDump(), watchdog: Progress = NoWatchdog(),
-                 carry: Callable[[Layout, int, BaseException], None] | None = None):
+                 carry: Callable[[Layout, int, BaseException], None] | None = None,
+                 switches: list[tuple[int, Layout]] = ()):
         self.cfg = cfg
         self.dist = dist
         self.steps = steps
@@ -79,6 +80,8 @@ class Trainer:
         self.carry = carry
         """Across ranks (world > 1): record the smaller layout for the next allocation (and an
         `oom` event) before this rank leaves; None: such an error is raised."""
+        self.switches = dict(switches)
+        """Layouts carried from earlier allocations, by the (1-based) step they start at."""
         self.train_time_s = 0.0
         self.last_save_time = time.time()
         self.samples_seen = 0
@@ -88,6 +91,13 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, float]:
         """Run optimizer step `step` (0-based), retried with a smaller micro-batch after an
         out-of-memory error. Returns (global mean loss, lr used)."""
+        carried = self.switches.get(step + 1)
+        if carried is not None and carried != self.layout:
+            log.info("step %d: micro-batch %d x accum %d from here on (carried after an "
+                     "out-of-memory error; was %d x %d)", step + 1, carried.micro_batch,
+                     carried.accum, self.layout.micro_batch, self.layout.accum)
+            self.steps.drop_partial_step(self.steps.counters(), carried)  # at a boundary: none
+            self.layout = carried
         self.faults.hit("step.start", step + 1, self.dist.rank)
         self.faults.hit("step.exception", step + 1, self.dist.rank)
         counters = self.steps.counters()

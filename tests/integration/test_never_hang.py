@@ -4,6 +4,7 @@ world size 2 carries the smaller micro-batch to the next run instead of leaving 
 a collective. (The same through SLURM, with srun, requeue and node failures: tests/slurm.)"""
 
 import json
+import shutil
 
 from telepathy.core import exits
 from telepathy.core.paths import RunPaths
@@ -40,19 +41,27 @@ def test_one_rank_out_of_memory_ends_the_allocation_and_carries_the_smaller_micr
     oom, = support.events(run_dir, "oom")
     assert (oom["rank"], oom["step"], oom["micro_batch"], oom["accum"], oom["next_micro_batch"],
             oom["next_accum"]) == (1, 30, 4, 1, 2, 2)
-    carry = json.loads(RunPaths.at(run_dir).plan_carry.read_text())
-    assert (carry["micro_batch"], carry["accum"], carry["rank"]) == (2, 2, 1)
+    carry, = json.loads(RunPaths.at(run_dir).plan_carry.read_text())["carries"]
+    assert (carry["from_step"], carry["micro_batch"], carry["accum"], carry["rank"]) == (30, 2, 2, 1)
     assert not support.events(run_dir, "oom_recovered")  # no retry beside a waiting rank
-    # The next run plans with the carried micro-batch (logged), resumes and finishes.
+    # The next run resumes from step 20: steps 21-29 as before (micro-batch 4), then the carried
+    # micro-batch 2 x 2 from step 30 on (logged in the launch event's notes).
     assert support.run(run_dir, world=2) == 0, support.log_text(run_dir)[-3000:]
     second = support.events(run_dir, "launch")[-1]
-    assert (second["micro_batch"], second["accum"]) == (2, 2)
-    assert any("carried micro-batch 2" in n for n in second["plan_notes"])
-    rows = support.metrics(run_dir)
-    assert {(r["micro_batch"], r["accum"]) for r in rows if r["restart"] == 1} == {(2, 2)}
-    # Bit for bit up to the checkpoint it resumed from; after it, the same samples summed in
-    # another order (micro-batch 2 x 2 instead of 4).
-    support.assert_close_losses(support.losses(run_dir), reference(2), exact_until=20)
+    assert any("micro-batch at most 2 from step 30" in n for n in second["plan_notes"])
+    rows = {r["step"]: r for r in support.metrics(run_dir) if r["restart"] == 1}
+    assert {(rows[s]["micro_batch"], rows[s]["accum"]) for s in range(21, 30)} == {(4, 1)}
+    assert {(rows[s]["micro_batch"], rows[s]["accum"]) for s in range(30, 61)} == {(2, 2)}
+    # Bit for bit with the uninterrupted run up to step 29; from 30 on, the same samples summed
+    # in another order (within 1e-5)...
+    support.assert_close_losses(support.losses(run_dir), reference(2), exact_until=29)
+    # ...and bit for bit with an uninterrupted run given the same plan: the crash, the resume
+    # from step 20 and the switch at step 30 changed nothing else.
+    same_plan = tmp_path / "same-plan"
+    same_plan.mkdir()
+    shutil.copy(RunPaths.at(run_dir).plan_carry, RunPaths.at(same_plan).plan_carry)
+    assert support.run(same_plan, world=2) == 0, support.log_text(same_plan)[-3000:]
+    support.assert_same_losses(run_dir, support.losses(same_plan))
 
 
 def test_time_a_process_lay_stopped_is_nobodys_hang():
