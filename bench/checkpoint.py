@@ -9,7 +9,10 @@ in one run (this machine is shared and noisy; each figure is the median of --rep
 - DeepSpeed's own save_checkpoint / load_checkpoint (its default engine: no fsync, no hashes),
   and the fsync of its files afterwards (the cost of making it as durable);
 - telepathy: synchronous save, asynchronous save (the stall the training loop sees, and the
-  total), and the verified load (verify every chunk, then load) against the unverified load.
+  total), and the verified load (verify every chunk, then load) against the unverified load;
+- memory: a plain copy of the same bytes into memory already mapped (what a snapshot cannot
+  beat), each checksum algorithm over them in memory (`--hash` picks telepathy's), and the host
+  memory the process holds during an asynchronous save (peak RSS above the level before it).
 Without --world/--model it runs tiny and 56M at world sizes 1 and 2 (torchrun, gloo on CPU).
 """
 
@@ -55,6 +58,63 @@ def disk_write_read(path: Path, nbytes: int) -> tuple[float, float]:
     return written, read
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """The highest VmRSS of this process while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self._stop = rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def memory_figures(nbytes: int) -> dict[str, float]:
+    """Seconds to copy `nbytes` into a buffer already mapped, and each checksum's GB/s over
+    them (one thread; all release the GIL)."""
+    import torch
+
+    from telepathy.checkpoint.hashing import HASHES, new_hash
+
+    src = torch.randint(0, 255, (max(nbytes, 1),), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.fill_(1)  # mapped and touched, as the snapshot buffers are from the second save on
+    copies = []
+    for _ in range(3):
+        started = time.perf_counter()
+        dst.copy_(src)
+        copies.append(time.perf_counter() - started)
+    out = {"memcpy_mapped_s": min(copies)}
+    view = memoryview(src.numpy()).cast("B")
+    for name in HASHES:
+        best = 1e9
+        for _ in range(2):
+            started = time.perf_counter()
+            h = new_hash(name)
+            h.update(view)
+            h.hexdigest()
+            best = min(best, time.perf_counter() - started)
+        out[f"hash_{name}_GB_per_s"] = round(nbytes / 1e9 / best, 2)
+    return out
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: build the engine, train 2 steps, then time every way of saving and loading."""
     import torch
@@ -88,7 +148,7 @@ def worker(args: argparse.Namespace) -> None:
     ds_engine = engine.checkpoint_engine  # DeepSpeed's default (torch.save, no fsync)
     root = Path(dist.broadcast_object(args.dir if dist.is_main else None))
     paths = RunPaths.at(root / "run")
-    sync = CheckpointManager(paths, dist, keep=2, async_save=False)
+    sync = CheckpointManager(paths, dist, keep=2, async_save=False, hash_algorithm=args.hash)
     times: dict[str, list[float]] = {}
 
     def timed(name: str, fn) -> Any:
@@ -101,7 +161,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from torch.utils.serialization import config as serialization
 
-    async_manager = CheckpointManager(paths, dist, keep=2, async_save=True)
+    async_manager = CheckpointManager(paths, dist, keep=2, async_save=True,
+                                      hash_algorithm=args.hash)
     async_manager.attach(engine)  # one manager for the run: its host buffers are reused
     step = 0
     for _ in range(args.repeats):
@@ -117,9 +178,14 @@ def worker(args: argparse.Namespace) -> None:
         async_manager.attach(engine)
 
         def async_save() -> None:
-            stall["s"] = async_manager.save(engine, step, {"step": step})
-            async_manager.wait()
+            base = rss_bytes()
+            with PeakRss() as peak:
+                stall["s"] = async_manager.save(engine, step, {"step": step})
+                async_manager.wait()
+            stall["rss"] = peak.peak - base
         timed("telepathy_async_total_s", async_save)
+        times.setdefault("async_save_rss_extra_bytes", []).append(
+            max(dist.all_gather_object(stall["rss"])))
         stall_max = dist.all_gather_object(stall["s"])
         times.setdefault("telepathy_async_stall_s", []).append(max(stall_max))
 
@@ -162,9 +228,17 @@ def worker(args: argparse.Namespace) -> None:
         w, r = zip(*dist.all_gather_object((rw["w"], rw["r"])))
         times.setdefault("disk_write_fsync_s", []).append(max(w))
         times.setdefault("disk_read_s", []).append(max(r))
+        mem = memory_figures(mine)
+        for key, value in mem.items():
+            times.setdefault(key, []).append(value)
     if dist.is_main:
         med = {k: statistics.median(v) for k, v in times.items()}
+        hashes = {k.removeprefix("hash_").removesuffix("_GB_per_s"): med.pop(k)
+                  for k in [k for k in med if k.startswith("hash_")]}
+        rss_extra = med.pop("async_save_rss_extra_bytes")
         result = {"model": args.model, "world_size": dist.world_size, "bytes": total,
+                  "hash": args.hash, "hash_GB_per_s_one_thread": hashes,
+                  "async_save_rss_extra_bytes": int(rss_extra),
                   "parameters": sum(getattr(p, "ds_numel", p.numel())
                                     for p in engine.module.parameters()),
                   "repeats": args.repeats, "seconds": {k: round(v, 4) for k, v in med.items()}}
@@ -188,19 +262,23 @@ def worker(args: argparse.Namespace) -> None:
                                                    / med["deepspeed_save_s"], 3),
             "telepathy_sync_save_vs_torch_save": round(med["telepathy_sync_save_s"]
                                                        / med["torch_save_s"], 3),
+            "async_stall_vs_memcpy": round(med["telepathy_async_stall_s"]
+                                           / med["memcpy_mapped_s"], 3),
+            "async_save_rss_extra_vs_rank_bytes": round(rss_extra / max(mine, 1), 3),
         }
         Path(args.result).write_text(json.dumps(result))
     import torch.distributed
     torch.distributed.destroy_process_group()
 
 
-def run_case(model: str, world: int, repeats: int, base: Path) -> dict[str, Any]:
+def run_case(model: str, world: int, repeats: int, base: Path,
+             hash_: str = "xxh3_128") -> dict[str, Any]:
     from telepathy.core import proc
 
     work = Path(tempfile.mkdtemp(prefix=f"ckpt-{model}-w{world}-", dir=base))
     result = work / "result.json"
     cmd = ["-m", "bench.checkpoint", "--worker", "--model", model, "--repeats", str(repeats),
-           "--dir", str(work), "--result", str(result)]
+           "--dir", str(work), "--result", str(result), "--hash", hash_]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", *cmd]
@@ -221,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=list(MODELS))
     p.add_argument("--world", type=int, choices=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hash", default="xxh3_128", help="telepathy's checksum (checkpoint.hash)")
     p.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where to write (the disk)")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -237,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [args.model] if args.model else list(MODELS)
         worlds = [args.world] if args.world else [1, 2]
         cases, repeats = [(m, w) for m in models for w in worlds], args.repeats
-    results = [run_case(m, w, repeats, base) for m, w in cases]
+    results = [run_case(m, w, repeats, base, args.hash) for m, w in cases]
     report = {"disk": str(base), "results": results}
     print(json.dumps(report, indent=1))
     for r in results:

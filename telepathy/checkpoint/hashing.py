@@ -1,8 +1,18 @@
 """Hashing checkpoint files: while they are written, and when they are verified.
 
-Each file is hashed in chunks (SHA-256 of every `CHUNK_BYTES` piece): while it is written, in one
-pass with the write (`HashingFile`), and, on load, in parallel across chunks, threads and ranks
-(`verify`, `verify_across`). What the hashes must match is in `manifest.py`.
+Each file is hashed in chunks (a digest of every `CHUNK_BYTES` piece): while it is written, in
+one pass with the write (`HashingFile`), and, on load, in parallel across chunks, threads and
+ranks (`verify`, `verify_across`). What the hashes must match is in `manifest.py`.
+
+Algorithms (`checkpoint.hash`, recorded in every manifest entry, so older checkpoints verify with
+theirs), measured on this 2-core machine over 256 MiB: xxh3_128 16 GB/s, blake3 5.8 GB/s on one
+thread (11.6 on two), sha256 1.6 GB/s; all three release the GIL.
+- xxh3_128 (the default): a 128-bit non-cryptographic hash. It catches what happens to files by
+  accident: flipped bits, torn or truncated writes, stale or misplaced blocks, a file of another
+  save; a random change goes unnoticed with probability 2^-128. It does not stand against
+  someone who crafts a file to match it: a checkpoint from an untrusted source needs sha256 or
+  blake3 (cryptographic), and pickles from such a source are unsafe whatever the hash.
+- blake3: cryptographic, ~3x slower than xxh3 here; sha256: cryptographic, the format-2 default.
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from .manifest import MANIFEST, digest_of, tasks
+from .manifest import MANIFEST, chunk_digests, digest_of, tasks
 
+HASHES = ("xxh3_128", "blake3", "sha256")
+DEFAULT_HASH = "xxh3_128"
 CHUNK_BYTES = 64 * 2**20
 SYNC_BYTES = 64 * 2**20
 """Written bytes after which a background fdatasync starts (overlapping writeback)."""
@@ -31,6 +43,25 @@ class Collective(Protocol):
     world_size: int
 
     def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+
+def new_hash(algorithm: str) -> Any:
+    """A fresh hasher (update, hexdigest) of one of HASHES."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        import xxhash
+        return xxhash.xxh3_128()
+    if algorithm == "blake3":
+        import blake3
+        return blake3.blake3()
+    raise ValueError(f"unknown checkpoint hash {algorithm!r}; known: {', '.join(HASHES)}")
+
+
+def entry_of(size: int, chunk_bytes: int, algorithm: str, chunks: list[str]) -> dict[str, Any]:
+    """A file's manifest entry (format 3)."""
+    return {"size": size, "chunk_bytes": chunk_bytes, "hash": algorithm, "chunks": chunks,
+            "digest": digest_of(chunks)}
 
 
 def list_files(ckpt: Path) -> list[str]:
@@ -48,7 +79,7 @@ class HashingFile:
     """
 
     def __init__(self, path: Path, pool: ThreadPoolExecutor, chunk_bytes: int = CHUNK_BYTES,
-                 sync_pool: ThreadPoolExecutor | None = None):
+                 sync_pool: ThreadPoolExecutor | None = None, algorithm: str = DEFAULT_HASH):
         self._f: BinaryIO = open(path, "wb", buffering=0)  # errors (ENOSPC) surface here
         self._pool = pool
         self._sync_pool = sync_pool
@@ -56,7 +87,8 @@ class HashingFile:
         self._unsynced = 0
         self._chunk_bytes = chunk_bytes
         self._chunks: list[str] = []
-        self._current = hashlib.sha256()
+        self.algorithm = algorithm
+        self._current = new_hash(algorithm)
         self._in_chunk = 0
         self.size = 0
         self.error: OSError | None = None
@@ -69,7 +101,7 @@ class HashingFile:
             data = data[take:]
             if self._in_chunk == self._chunk_bytes:
                 self._chunks.append(self._current.hexdigest())
-                self._current, self._in_chunk = hashlib.sha256(), 0
+                self._current, self._in_chunk = new_hash(self.algorithm), 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -107,8 +139,7 @@ class HashingFile:
         self._f.close()
         if self._in_chunk or not self._chunks:
             self._chunks.append(self._current.hexdigest())
-        return {"size": self.size, "chunk_bytes": self._chunk_bytes, "sha256_chunks": self._chunks,
-                "digest": digest_of(self._chunks)}
+        return entry_of(self.size, self._chunk_bytes, self.algorithm, self._chunks)
 
     def abort(self) -> None:
         if self._syncing is not None:
@@ -116,9 +147,10 @@ class HashingFile:
         self._f.close()
 
 
-def write_hashed(path: Path, data: bytes, pool: ThreadPoolExecutor) -> dict[str, Any]:
+def write_hashed(path: Path, data: bytes, pool: ThreadPoolExecutor,
+                 algorithm: str = DEFAULT_HASH) -> dict[str, Any]:
     """Write bytes to a new file, fsync it; its manifest entry."""
-    f = HashingFile(path, pool)
+    f = HashingFile(path, pool, algorithm=algorithm)
     try:
         f.write(data)
     except BaseException:
@@ -127,14 +159,15 @@ def write_hashed(path: Path, data: bytes, pool: ThreadPoolExecutor) -> dict[str,
     return f.close()
 
 
-def hash_file(path: Path, fsync: bool = False, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+def hash_file(path: Path, fsync: bool = False, chunk_bytes: int = CHUNK_BYTES,
+              algorithm: str = DEFAULT_HASH) -> dict[str, Any]:
     """The manifest entry of an existing file, read once (with `fsync`, made durable first)."""
     chunks, size = [], 0
     with open(path, "rb") as f:
         if fsync:
             os.fsync(f.fileno())
         while True:
-            digest, n = hashlib.sha256(), 0
+            digest, n = new_hash(algorithm), 0
             while n < chunk_bytes and (block := f.read(min(_READ, chunk_bytes - n))):
                 digest.update(block)
                 n += len(block)
@@ -144,12 +177,11 @@ def hash_file(path: Path, fsync: bool = False, chunk_bytes: int = CHUNK_BYTES) -
             size += n
             if n < chunk_bytes:
                 break
-    return {"size": size, "chunk_bytes": chunk_bytes, "sha256_chunks": chunks,
-            "digest": digest_of(chunks)}
+    return entry_of(size, chunk_bytes, algorithm, chunks)
 
 
-def _chunk_sha256(path: Path, offset: int, length: int) -> str:
-    digest = hashlib.sha256()
+def _chunk_digest(path: Path, offset: int, length: int, algorithm: str = "sha256") -> str:
+    digest = new_hash(algorithm)
     with open(path, "rb") as f:
         f.seek(offset)
         while length > 0 and (block := f.read(min(_READ, length))):
@@ -159,7 +191,7 @@ def _chunk_sha256(path: Path, offset: int, length: int) -> str:
 
 
 def _whole_sha256(path: Path) -> str:
-    return _chunk_sha256(path, 0, path.stat().st_size)
+    return _chunk_digest(path, 0, path.stat().st_size)
 
 
 def verify(ckpt: Path, manifest: dict[str, Any], units: Iterable[tuple[str, int]],
@@ -183,11 +215,13 @@ def verify(ckpt: Path, manifest: dict[str, Any], units: Iterable[tuple[str, int]
         if not path.is_file() or path.stat().st_size != entry["size"]:
             return None  # reported once by the whole-file unit
         chunk = entry["chunk_bytes"]
-        found = _chunk_sha256(path, index * chunk, min(chunk, entry["size"] - index * chunk))
-        expected = entry["sha256_chunks"][index]
+        algorithm, digests = chunk_digests(entry)
+        found = _chunk_digest(path, index * chunk, min(chunk, entry["size"] - index * chunk),
+                              algorithm)
+        expected = digests[index]
         if found != expected:
             return (f"{name}: bytes {index * chunk}-{min((index + 1) * chunk, entry['size']) - 1} "
-                    f"have sha256 {found}, manifest says {expected}")
+                    f"have {algorithm} {found}, manifest says {expected}")
         return None
 
     with ThreadPoolExecutor(threads) as pool:

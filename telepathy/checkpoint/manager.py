@@ -39,7 +39,7 @@ from ..engine import adapter
 from ..testing.faults import FaultPlan
 from . import directory, rng
 from .directory import Found, read_manifest
-from .hashing import verify_across
+from .hashing import DEFAULT_HASH, verify_across
 from .manifest import FORMAT, MANIFEST, STATE, rank_state_file, seal
 from .writer import PinnedPool, Writer
 
@@ -71,7 +71,7 @@ class CheckpointManager:
     def __init__(self, paths: RunPaths, dist: Collective, keep: int, faults: FaultPlan = FaultPlan(),
                  estimate_bytes: int = 0, async_save: bool = True,
                  progress: Callable[[], None] = lambda: None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, hash_algorithm: str = DEFAULT_HASH):
         self.paths = paths
         self.dist = dist
         self.keep = keep
@@ -79,6 +79,8 @@ class CheckpointManager:
         self.estimate_bytes = estimate_bytes
         """Expected size of a checkpoint before the first one exists."""
         self.async_save = async_save
+        self.hash_algorithm = hash_algorithm
+        """Checksum of new checkpoints (checkpoint.hash); each manifest records its own."""
         self.progress = progress
         """Called whenever a save makes progress (a file written): the hang watchdog's beat."""
         self.writer: Writer | None = None
@@ -97,7 +99,8 @@ class CheckpointManager:
     def attach(self, engine: Any) -> None:
         """Make DeepSpeed save through telepathy's snapshotting checkpoint engine."""
         if self.writer is None:
-            self.writer = Writer(serialization_zip=adapter.zipped_serialization(engine))
+            self.writer = Writer(serialization_zip=adapter.zipped_serialization(engine),
+                                 algorithm=self.hash_algorithm)
         adapter.install_checkpoint_engine(engine, self._snapshot_file)
 
     def _snapshot_file(self, state_dict: Any, path: str) -> None:
@@ -188,7 +191,8 @@ class CheckpointManager:
             try:
                 hit("save.hashed")
                 fsync_dir(ckpt)
-                manifest = {"format": FORMAT, "step": step, "world_size": self.dist.world_size,
+                manifest = {"format": FORMAT, "hash": self.hash_algorithm, "step": step,
+                            "world_size": self.dist.world_size,
                             "created": time.time(), "bytes": sum(e["size"] for e in files.values()),
                             "files": files}
                 write_json_atomic(ckpt / MANIFEST, seal(manifest),

@@ -6,8 +6,10 @@ written last, after every file it lists is durable. It is **valid** when, in add
 matches the manifest (sizes and the SHA-256 of every chunk; see `hashing.verify`). Nothing else
 (no `latest` file, no directory name alone) makes a checkpoint count.
 
-Format 2 hashes each file in chunks of `chunk_bytes` and seals the manifest with a SHA-256 of
-itself; format 1 manifests (one SHA-256 per file, no seal) are still read and verified.
+Format 3 hashes each file in chunks of `chunk_bytes` with the algorithm it names (`hash`:
+xxh3_128 by default, blake3 or sha256; `checkpoint.hash`) and seals the manifest with a SHA-256 of
+itself. Older manifests still verify: format 2 (SHA-256 chunks, `sha256_chunks`) and format 1
+(one SHA-256 per file, no seal).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import json
 from typing import Any
 
 MANIFEST = "MANIFEST.json"
-FORMAT = "telepathy-checkpoint/2"
-FORMATS = ("telepathy-checkpoint/1", FORMAT)
+FORMAT = "telepathy-checkpoint/3"
+FORMATS = ("telepathy-checkpoint/1", "telepathy-checkpoint/2", FORMAT)
 STATE = "telepathy/state.json"
 """The run state of a checkpoint (step, data position, config), written by rank 0."""
 
@@ -59,6 +61,15 @@ def digest_of(chunks: list[str]) -> str:
     return hashlib.sha256("".join(chunks).encode()).hexdigest()
 
 
+def chunk_digests(entry: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """(algorithm, digest of every chunk) of a file's manifest entry; None for format 1."""
+    if "chunks" in entry:
+        return entry.get("hash", "sha256"), entry["chunks"]
+    if "sha256_chunks" in entry:
+        return "sha256", entry["sha256_chunks"]
+    return None
+
+
 def tasks(manifest: dict[str, Any], on_disk: list[str]) -> list[tuple[str, int]]:
     """The units of verification, (file, chunk index), over the manifest's files and the files
     found on disk (a stray file is a problem); chunk -1 stands for a check of the whole file
@@ -68,6 +79,7 @@ def tasks(manifest: dict[str, Any], on_disk: list[str]) -> list[tuple[str, int]]
     for name in names:
         entry = manifest["files"].get(name)
         out.append((name, -1))
-        if entry and "sha256_chunks" in entry:
-            out += [(name, i) for i in range(len(entry["sha256_chunks"]))]
+        digests = chunk_digests(entry) if entry else None
+        if digests:
+            out += [(name, i) for i in range(len(digests[1]))]
     return out

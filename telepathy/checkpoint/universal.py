@@ -37,7 +37,7 @@ from ..core.fsutil import fsync_dir, write_json_atomic
 from ..core.paths import RunPaths
 from ..engine import adapter
 from .directory import Found, read_manifest
-from .hashing import HASH_THREADS, Collective, hash_file, list_files, verify_across
+from .hashing import DEFAULT_HASH, HASH_THREADS, Collective, hash_file, list_files, verify_across
 from .manifest import FORMAT, MANIFEST, seal
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,13 @@ def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
         (target.parent / adapter.LATEST_UNIVERSAL).unlink(missing_ok=True)  # never trusted
     converted = time.time()
     files = list_files(tmp)
+    algorithm = read_manifest(found.path).get("hash", DEFAULT_HASH)  # the source's
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        entries = dict(zip(files, pool.map(lambda n: hash_file(tmp / n, fsync=True), files)))
+        entries = dict(zip(files, pool.map(
+            lambda n: hash_file(tmp / n, fsync=True, algorithm=algorithm), files)))
     for sub in {(tmp / n).parent for n in files}:
         fsync_dir(sub)
-    manifest = {"format": FORMAT, "kind": "universal", "step": found.step,
+    manifest = {"format": FORMAT, "kind": "universal", "hash": algorithm, "step": found.step,
                 "source": found.path.name, "source_manifest_sha256": source_id(found.path),
                 "source_world_size": found.state["world_size"], "created": time.time(),
                 "bytes": sum(e["size"] for e in entries.values()), "files": entries}

@@ -137,6 +137,10 @@ class TrainConfig:
                  "must be >= 10 seconds (a step or a save slower than it counts as a hang)")
 
 
+CHECKPOINT_HASHES = ("xxh3_128", "blake3", "sha256")
+"""The algorithms telepathy.checkpoint.hashing knows (a test keeps the two in step)."""
+
+
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
@@ -147,8 +151,13 @@ class CheckpointConfig:
     """Newest complete checkpoints to keep (at least 2, so one always survives a bad save)."""
     async_save: bool = True
     """Write checkpoints in the background: training waits only for the copy to host memory."""
+    hash: str = "xxh3_128"
+    """Checksum of every chunk of every file, recorded in each manifest: xxh3_128 (fast; catches
+    accidental damage), blake3 or sha256 (cryptographic). Older checkpoints verify with theirs."""
 
     def __post_init__(self) -> None:
+        _require(self.hash in CHECKPOINT_HASHES, "checkpoint.hash", self.hash,
+                 f"choose one of {', '.join(CHECKPOINT_HASHES)}")
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")
         _require(self.every_min >= 0, "checkpoint.every_min", self.every_min, "must be >= 0")
         _require(self.keep >= 2, "checkpoint.keep", self.keep,

@@ -91,6 +91,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         phases.record_launch(run_logs.events, dist, env, slurm, device, placement, log_files)
         stack.enter_context(phases.system_monitor(cfg, env, paths))
         checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
+                                        hash_algorithm=cfg.checkpoint.hash,
                                         async_save=cfg.checkpoint.async_save,
                                         progress=dog.progress,
                                         timeout_s=phases.collective_timeout_s(cfg))

@@ -26,7 +26,10 @@ def test_checkpoint_benchmark_smoke():
         assert result["seconds"][key] > 0, key
     assert set(result["ratios"]) >= {"telepathy_save_vs_disk_limit", "async_stall_vs_sync_save",
                                      "verified_vs_unverified_load",
-                                     "telepathy_sync_save_vs_deepspeed_save"}
+                                     "telepathy_sync_save_vs_deepspeed_save",
+                                     "async_stall_vs_memcpy", "async_save_rss_extra_vs_rank_bytes"}
+    assert result["hash"] == "xxh3_128" and result["seconds"]["memcpy_mapped_s"] > 0
+    assert set(result["hash_GB_per_s_one_thread"]) == {"xxh3_128", "blake3", "sha256"}
 
 
 def test_memory_model_benchmark_smoke():

@@ -15,28 +15,39 @@ import torch
 
 from telepathy.checkpoint.cli import main as checkpoint_cli
 from telepathy.checkpoint.directory import read_manifest
-from telepathy.checkpoint.hashing import HashingFile, hash_file, units_of, verify
-from telepathy.checkpoint.manifest import MANIFEST
+from telepathy.checkpoint.hashing import HASHES, HashingFile, hash_file, units_of, verify
+from telepathy.checkpoint.manifest import MANIFEST, seal
 from telepathy.core.paths import RunPaths
 from telepathy.core.runlock import RunLock
 from tests import support
 from tests.support import MODEL, OPTIM, RNG, assert_same_losses, damage
 
 
+def reference_digest(algorithm, data):
+    """Each algorithm computed by its own library, not through telepathy."""
+    import blake3
+    import xxhash
+    return {"sha256": lambda: hashlib.sha256(data).hexdigest(),
+            "xxh3_128": lambda: xxhash.xxh3_128(data).hexdigest(),
+            "blake3": lambda: blake3.blake3(data).hexdigest()}[algorithm]()
+
+
+@pytest.mark.parametrize("algorithm", HASHES)
 @pytest.mark.parametrize("sizes", [[0], [1], [7, 9], [16], [5, 11, 16, 3], [40]])
-def test_hashing_while_writing_equals_hashing_the_file(tmp_path, sizes):
+def test_hashing_while_writing_equals_hashing_the_file(tmp_path, sizes, algorithm):
     """Writes of any size, across 16-byte chunk boundaries: the same chunks as reading back."""
     data = [os.urandom(n) for n in sizes]
     with ThreadPoolExecutor(2) as pool:
-        f = HashingFile(tmp_path / "f", pool, chunk_bytes=16)
+        f = HashingFile(tmp_path / "f", pool, chunk_bytes=16, algorithm=algorithm)
         for piece in data:
             f.write(piece)
         entry = f.close()
     whole = b"".join(data)
     assert (tmp_path / "f").read_bytes() == whole
-    assert entry == hash_file(tmp_path / "f", chunk_bytes=16)
-    expected = [hashlib.sha256(whole[i:i + 16]).hexdigest() for i in range(0, len(whole), 16)]
-    assert entry["sha256_chunks"] == (expected or [hashlib.sha256(b"").hexdigest()])
+    assert entry == hash_file(tmp_path / "f", chunk_bytes=16, algorithm=algorithm)
+    expected = [reference_digest(algorithm, whole[i:i + 16]) for i in range(0, len(whole), 16)]
+    assert entry["hash"] == algorithm
+    assert entry["chunks"] == (expected or [reference_digest(algorithm, b"")])
 
 
 def test_torch_save_through_the_hashing_file_round_trips(tmp_path):
@@ -45,7 +56,7 @@ def test_torch_save_through_the_hashing_file_round_trips(tmp_path):
         f = HashingFile(tmp_path / "s.pt", pool, chunk_bytes=4096)
         torch.save(state, f)
         entry = f.close()
-    assert entry == hash_file(tmp_path / "s.pt", chunk_bytes=4096) and len(entry["sha256_chunks"]) > 10
+    assert entry == hash_file(tmp_path / "s.pt", chunk_bytes=4096) and len(entry["chunks"]) > 10
     loaded = torch.load(tmp_path / "s.pt", weights_only=False)
     assert torch.equal(loaded["w"], state["w"]) and loaded["nested"][1] == {"x": 1.5}
 
@@ -177,8 +188,36 @@ def test_verify_checks_chunks_and_stray_files(preempted_run, copy_of):
     run_dir = copy_of(preempted_run)
     ckpt = sorted(RunPaths.at(run_dir).checkpoints.glob("step_*"))[-1]
     manifest = read_manifest(ckpt)
-    assert manifest["format"] == "telepathy-checkpoint/2"
+    assert (manifest["format"], manifest["hash"]) == ("telepathy-checkpoint/3", "xxh3_128")
     assert verify(ckpt, manifest, units_of(ckpt, manifest)) == []
     (ckpt / "telepathy" / "extra.bin").write_bytes(b"x")
     assert verify(ckpt, manifest, units_of(ckpt, manifest)) == [
         "telepathy/extra.bin: not listed in the manifest (stray file)"]
+
+
+@pytest.mark.parametrize("kind", ["format 2 (sha256_chunks)", *HASHES])
+def test_every_hash_and_an_older_format_verify_and_catch_a_flipped_byte(preempted_run, copy_of,
+                                                                        kind):
+    """The manifest names its algorithm: a checkpoint sealed with any of them (or a format-2 one,
+    from before the choice) verifies, and one flipped byte anywhere is caught."""
+    run_dir = copy_of(preempted_run)
+    ckpt = sorted(RunPaths.at(run_dir).checkpoints.glob("step_*"))[-1]
+    old = read_manifest(ckpt)
+    algorithm = "sha256" if kind.startswith("format 2") else kind
+    files = {n: hash_file(ckpt / n, chunk_bytes=4096, algorithm=algorithm) for n in old["files"]}
+    if kind.startswith("format 2"):
+        files = {n: {"size": e["size"], "chunk_bytes": e["chunk_bytes"],
+                     "sha256_chunks": e["chunks"], "digest": e["digest"]} for n, e in files.items()}
+        manifest = {**old, "format": "telepathy-checkpoint/2", "files": files}
+        manifest.pop("hash", None)
+    else:
+        manifest = {**old, "hash": algorithm, "files": files}
+    (ckpt / MANIFEST).write_text(json.dumps(seal({k: v for k, v in manifest.items()
+                                                 if k != "manifest_sha256"})))
+    manifest = read_manifest(ckpt)
+    assert manifest is not None and verify(ckpt, manifest, units_of(ckpt, manifest)) == []
+    name = RNG.choice(sorted(files))
+    damage(ckpt / name, "flip")
+    problems = verify(ckpt, manifest, units_of(ckpt, manifest))
+    assert len(problems) == 1 and problems[0].startswith(f"{name}: bytes ")
+    assert f"have {algorithm} " in problems[0]

@@ -65,3 +65,11 @@ def test_checkpoint_and_placement_changes_do_not_break_resume():
     changed["placement"]["micro_batch_sizes"] = [1]
     changed["train"]["log_every"] = 1
     assert trajectory_changes(base, changed) == []
+
+
+def test_the_config_knows_the_hashes_the_checkpoints_know():
+    from telepathy.checkpoint.hashing import HASHES
+    from telepathy.config.schema import CHECKPOINT_HASHES
+    assert CHECKPOINT_HASHES == HASHES
+    with pytest.raises(ConfigError, match="checkpoint.hash='md5' is invalid: choose one of"):
+        load_config(TINY, ["checkpoint.hash=md5"])

@@ -147,3 +147,4 @@ def test_out_of_memory_exits_are_not_a_crash_loop_they_shrink_the_plan():
     # Micro-batch 8 -> 4 -> 2 -> 1 carried across allocations, no checkpoint in between.
     history = [AllocationEnd(exits.OUT_OF_MEMORY, 0)] * 3
     assert decide(history, 3, 50, 3, 75).requeue
+
