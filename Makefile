@@ -18,3 +18,4 @@ bench-smoke: setup
 	.venv/bin/python -m bench.monitor_overhead --smoke
 	.venv/bin/python -m bench.memory_model --smoke
 	.venv/bin/python -m bench.checkpoint --smoke
+	.venv/bin/python -m bench.chaos --smoke --workdir runs/chaos-smoke
