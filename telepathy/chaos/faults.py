@@ -59,7 +59,9 @@ class Target:
         return list(read_jsonl(self.paths.events))
 
     def ranks(self) -> dict[int, psutil.Process]:
-        """The job's training processes by rank (step 0 of the current allocation)."""
+        """The job's training processes by rank: the tasks of step 0 of the current allocation,
+        children of its step daemon (not the `srun` in the batch shell, whose command line and
+        environment look alike)."""
         found: dict[int, psutil.Process] = {}
         conf = self.env.get("SLURM_CONF")
         for p in psutil.process_iter(["cmdline"]):
@@ -68,6 +70,10 @@ class Target:
                 continue
             try:
                 env = p.environ()
+                parent = p.parent()
+                if parent is None or not " ".join(parent.cmdline()).startswith(
+                        f"slurmstepd: [{self.job_id}."):
+                    continue
             except psutil.Error:
                 continue
             if env.get("SLURM_JOB_ID") == self.job_id and env.get("SLURM_CONF") == conf \
