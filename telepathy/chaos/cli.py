@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return exits.BAD_INPUT
     try:
         harness = Harness(Options(args.config, args.faults, args.seed, kinds, args.gpus,
-                                  Path(args.workdir), tuple(args.set),
-                                  Path(args.picture) if args.picture else None, args.pace_s))
+                                  Path(args.workdir), tuple(args.set), args.pace_s))
         result = harness.run()
     except (TelepathyError, ValueError, FaultError) as exc:
         print(f"telepathy chaos: {exc}", file=sys.stderr)

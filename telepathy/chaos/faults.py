@@ -115,8 +115,6 @@ class Kind:
     """When the job (or SLURM) noticed the fault injected at the given time; None: not yet."""
     restarts: bool = True
     """Whether the job leaves its allocation (else recovery is the next successful save)."""
-    needs: str = ""
-    """What it needs beyond a running job."""
 
 
 # -- how detection shows ---------------------------------------------------------------------------
@@ -323,8 +321,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("time_limit", time_limit, event_after(Event.SIGNAL)),
     Kind("bitflip", bitflip, event_after(Event.CHECKPOINT_REJECTED)),
     Kind("disk_full", disk_full, event_after(Event.CHECKPOINT_SKIPPED, Event.CHECKPOINT_FAILED),
-         restarts=False, needs="root, to mount a tmpfs under the run directory"),
-    Kind("node_fail", node_fail, node_down, needs="the project's local cluster"),
+         restarts=False),  # needs root: the run directory is on a tmpfs it mounts
+    Kind("node_fail", node_fail, node_down),  # needs the project's local cluster
     # (At the smallest micro-batch the error is a plain crash: no `oom`, the allocation ends.)
     Kind("oom_one_rank", oom_one_rank, event_after(Event.OOM, Event.ALLOCATION_END)),
 ]}

@@ -70,7 +70,6 @@ class Options:
     gpus: int = 2
     workdir: Path = Path("runs/chaos")
     sets: tuple[str, ...] = ()
-    picture: Path | None = None
     pace_s: float = 0.1
     """Each step of both jobs is padded by this sleep (TELEPATHY_FAULT step.start sleep), so
     that the tiny model's 30 ms steps leave room for faults at random moments; no effect on

@@ -21,22 +21,18 @@ from pathlib import Path
 from ..core import exits, logs
 from ..core.errors import TelepathyError
 from ..core.proc import CommandError
+from ..train.resume import run_arguments
 from .api import EXECUTORS
 
 log = logging.getLogger("telepathy.launch")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="telepathy launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
+    p = run_arguments(argparse.ArgumentParser(
+        prog="telepathy launch", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--gpus", default=None, help="1-4, or auto (default: slurm.gpus_per_node)")
     p.add_argument("--executor", choices=EXECUTORS, default="slurm")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--force", action="store_true",
-                   help="resume even if the config changes the training trajectory")
     p.add_argument("--wait", action="store_true", help="follow the run until the job ends")
     p.add_argument("--interval", type=float, default=5.0, help="--wait refreshes this often (s)")
     return p.parse_args(argv)

@@ -32,16 +32,21 @@ from .signals import PreemptionFlag
 log = logging.getLogger("telepathy.resume")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="telepathy resume", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config, --run-dir, --set and --force: what says which run (resume and launch)."""
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.steps=200")
     p.add_argument("--force", action="store_true",
                    help="resume even if the config changes the training trajectory")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return run_arguments(argparse.ArgumentParser(
+        prog="telepathy resume", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args(argv)
 
 
 def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: PreemptionFlag,
