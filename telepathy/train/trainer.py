@@ -130,10 +130,10 @@ class Trainer:
                 raise exc
             log.error("out of memory on rank %d at step %d with micro-batch %d x accum %d: the "
                       "other ranks may be inside this step's collectives, so this allocation "
-                      "ends here; the next one starts with micro-batch %d x accum %d (global "
-                      "batch %d unchanged) and resumes from the newest checkpoint",
+                      "ends here; the next one resumes from the newest checkpoint and trains "
+                      "with micro-batch %d x accum %d (global batch %d unchanged) from step %d on",
                       self.dist.rank, step + 1, self.layout.micro_batch, self.layout.accum,
-                      new.micro_batch, new.accum, new.global_batch)
+                      new.micro_batch, new.accum, new.global_batch, step + 1)
             self.carry(new, step + 1, exc)
             raise RankOutOfMemory() from exc
         del exc
