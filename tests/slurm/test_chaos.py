@@ -36,8 +36,10 @@ def test_a_short_seeded_chaos_run_recovers_every_fault_exactly(cluster, tmp_path
     assert faults["rank_kill"].detect_s < 15 and faults["rank_kill"].recover_s < 120, why
     assert "crashed with exit" in faults["rank_kill"].requeue_cause, why
     # 2. One rank stopped: the other's watchdog (train.hang_timeout_s=45) ends the allocation.
+    # (idle is counted from the last step before the SIGSTOP, so detection may come a little
+    # under 45 s after it: seen 44.98)
     hang = faults["rank_hang"]
-    assert 45 <= hang.detect_s < 60 and hang.recover_s < 45 + 120, why
+    assert 40 <= hang.detect_s < 60 and hang.recover_s < 45 + 120, why
     assert hang.requeue_cause.startswith("hung (exit 124"), why
     events = list(read_jsonl(tmp_path / "chaos" / "run" / "events.jsonl"))
     # The rank still running noticed (the stopped one, continued by srun's kill, may say so too).
