@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -182,11 +183,15 @@ def hash_file(path: Path, fsync: bool = False, chunk_bytes: int = CHUNK_BYTES,
 
 def _chunk_digest(path: Path, offset: int, length: int, algorithm: str = "sha256") -> str:
     digest = new_hash(algorithm)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while length > 0 and (block := f.read(min(_READ, length))):
-            digest.update(block)
-            length -= len(block)
+    buf = memoryview(bytearray(min(_READ, max(length, 1))))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while length > 0 and (n := os.preadv(fd, [buf[:min(len(buf), length)]], offset)) > 0:
+            digest.update(buf[:n])
+            offset += n
+            length -= n
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -238,7 +243,31 @@ def verify_all(ckpt: Path, manifest: dict[str, Any]) -> list[str]:
     return verify(ckpt, manifest, units_of(ckpt, manifest))
 
 
+_OWNER = re.compile(r"(?:^|[_/])rank_(\d+)")
+
+
+def owner(name: str, world_size: int) -> int | None:
+    """The rank that loads a file at this world size (by the rank in its name, as in
+    `zero_pp_rank_1_mp_rank_00_optim_states.pt` or `telepathy/rank_00001.safetensors`); None for a
+    file of no rank or of a rank this world does not have."""
+    m = _OWNER.search(name)
+    return int(m.group(1)) if m and int(m.group(1)) < world_size else None
+
+
+def split_units(units: list[tuple[str, int]], world_size: int) -> list[list[tuple[str, int]]]:
+    """The units each rank verifies: a file's chunks by the rank that will load it (so that on
+    every node the bytes a rank loads are the ones it read), the rest round-robin."""
+    parts: list[list[tuple[str, int]]] = [[] for _ in range(world_size)]
+    spread = 0
+    for unit in units:
+        rank = owner(unit[0], world_size)
+        if rank is None:
+            rank, spread = spread % world_size, spread + 1
+        parts[rank].append(unit)
+    return parts
+
+
 def verify_across(ckpt: Path, manifest: dict[str, Any], dist: Collective) -> list[str]:
     """Collective: every file of a checkpoint against its manifest, chunks split across ranks."""
-    mine = units_of(ckpt, manifest)[dist.rank::dist.world_size]
+    mine = split_units(units_of(ckpt, manifest), dist.world_size)[dist.rank]
     return [p for part in dist.all_gather_object(verify(ckpt, manifest, mine)) for p in part]

@@ -10,8 +10,12 @@ Save (collective, every rank), in two parts:
      prunes. At most one save is in flight: the next one, a preemption and the end of the run
      wait for it. A save that fails (disk full) is reported, its directory removed, and the
      previous checkpoint stays the newest.
-Resume verifies every file against the manifest (chunks split across threads and ranks) before
-DeepSpeed unpickles anything, and falls back to the previous checkpoint when one fails.
+A synchronous save (a preemption's, the last, or checkpoint.async_save off) skips the snapshot
+copy: host tensors are written from where they are while training waits anyway.
+Resume verifies every file against the manifest (chunks split across threads and ranks, each rank
+taking the files it will load) before DeepSpeed unpickles anything, and falls back to the previous
+checkpoint when one fails. A rank's own torch files are read only once: into memory while they are
+verified, and deserialised from there (reader.py).
 Nothing here trusts DeepSpeed's `latest` file. DeepSpeed itself is reached only through
 `telepathy.engine.adapter` (the checkpoint-engine hook, the universal-load repairs).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -39,8 +44,9 @@ from ..engine import adapter
 from ..testing.faults import FaultPlan
 from . import directory, rng
 from .directory import Found, read_manifest
-from .hashing import DEFAULT_HASH, verify_across
+from .hashing import DEFAULT_HASH, owner, split_units, units_of, verify
 from .manifest import FORMAT, MANIFEST, STATE, rank_state_file, seal
+from .reader import NotAZip, VerifiedFile, read_verified
 from .writer import PinnedPool, Writer
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,10 @@ class CheckpointManager:
         """Called whenever a save makes progress (a file written): the hang watchdog's beat."""
         self.writer: Writer | None = None
         self._pinned = PinnedPool()
+        self._preloaded: dict[str, VerifiedFile] = {}
+        """Files read and verified by newest_valid, by real path, until `load` deserialises them."""
         self._saving: Path | None = None
+        self._in_place = False
         self._thread: threading.Thread | None = None
         self._result: SaveResult | None = None
         self._unreported: list[SaveResult] = []
@@ -101,11 +110,12 @@ class CheckpointManager:
         if self.writer is None:
             self.writer = Writer(serialization_zip=adapter.zipped_serialization(engine),
                                  algorithm=self.hash_algorithm)
-        adapter.install_checkpoint_engine(engine, self._snapshot_file)
+        adapter.install_checkpoint_engine(engine, self._snapshot_file, self._load_file)
 
     def _snapshot_file(self, state_dict: Any, path: str) -> None:
         """DeepSpeed hands over one file's state: copy it to host memory, queue its write."""
-        self.writer.snapshot_file(state_dict, Path(path), self._saving, self._pinned)
+        self.writer.snapshot_file(state_dict, Path(path), self._saving, self._pinned,
+                                  host_as_is=self._in_place)
 
     def space(self) -> tuple[bool, int, int]:
         """Collective: (fits, free bytes, needed bytes) for the next checkpoint, rank 0's view."""
@@ -138,11 +148,15 @@ class CheckpointManager:
         self.dist.barrier()
         hit("save.start")
         self._saving = ckpt
+        # A synchronous save (a preemption's, the last) blocks training until it is durable:
+        # host tensors go to disk from where they are, without a snapshot copy.
+        self._in_place = wait or not self.async_save
         try:
             engine.save_checkpoint(str(self.paths.checkpoints), tag=name, client_state={},
                                    save_latest=False)
         finally:
             self._saving = None
+            self._in_place = False
         self.progress()
         (ckpt / "telepathy").mkdir(parents=True, exist_ok=True)
         tensors, meta = rng.capture()
@@ -168,6 +182,7 @@ class CheckpointManager:
         hit = lambda point: self.faults.hit(point, step, self.dist.rank)  # noqa: E731
         entries: dict[str, Any] = {}
         error = None
+        durable = None
         try:
             for i, (name, future) in enumerate(jobs):
                 entries[name] = future.result()
@@ -198,6 +213,7 @@ class CheckpointManager:
                 write_json_atomic(ckpt / MANIFEST, seal(manifest),
                                   before_replace=lambda: hit("save.manifest_tmp"))
                 fsync_dir(self.paths.checkpoints)
+                durable = time.time()
                 hit("save.done")
                 self.prune()
             except Exception as exc:
@@ -205,13 +221,15 @@ class CheckpointManager:
         if error is not None and self.dist.is_main:
             shutil.rmtree(ckpt, ignore_errors=True)  # every rank is done with it
         done = time.time()
+        durable = durable or done
         size = sum(e["size"] for e in files.values())
         self._result = SaveResult(
             step=step, reason=reason, checkpoint=ckpt.name, stall_s=round(stall, 3),
             write_s=round(written - started - stall, 3), persist_s=round(done - started - stall, 3),
             seconds=round(done - started, 3), error=error,
             **({} if error else {"bytes": size, "files": len(files),
-                                 "GB_per_s": round(size / 1e9 / max(done - started, 1e-9), 3)}))
+                                 "durable_s": round(durable - started, 3),
+                                 "GB_per_s": round(size / 1e9 / max(durable - started, 1e-9), 3)}))
 
     def wait(self) -> SaveResult | None:
         """Finish the save in flight, if any; its result (also kept for `completed()`)."""
@@ -252,7 +270,7 @@ class CheckpointManager:
                        if (ckpt / MANIFEST).exists() else "no manifest (incomplete)")
                 rejected.append({"checkpoint": ckpt.name, "problems": [why]})
                 continue
-            problems = verify_across(ckpt, manifest, self.dist)
+            problems = self._verify(ckpt, manifest)
             self.progress()
             if problems:
                 rejected.append({"checkpoint": ckpt.name, "problems": problems})
@@ -260,6 +278,47 @@ class CheckpointManager:
             state = json.loads((ckpt / STATE).read_text())
             return Found(ckpt, step, state), rejected
         return None, rejected
+
+    def _verify(self, ckpt: Path, manifest: dict[str, Any]) -> list[str]:
+        """Collective: every file of `ckpt` against its manifest, split across ranks by who
+        loads what. At the same world size, the torch files this rank loads are read once,
+        verified and kept in memory for `load` (reader.py); the rest is hashed from disk."""
+        files = manifest["files"]
+        mine = split_units(units_of(ckpt, manifest), self.dist.world_size)[self.dist.rank]
+        if manifest.get("world_size") == self.dist.world_size:
+            names = {n for n, i in mine if i >= 0 and n.endswith(".pt")
+                     and owner(n, self.dist.world_size) == self.dist.rank}
+        else:  # converted for this world size first: ds_to_universal reads every file itself
+            names = set()
+        problems, kept = [], {}
+        for name in sorted(names):
+            path = ckpt / name
+            if not path.is_file() or path.stat().st_size != files[name]["size"]:
+                names.discard(name)  # reported by the whole-file check
+                continue
+            try:
+                verified, found = read_verified(path, files[name])
+            except NotAZip:
+                names.discard(name)
+                continue
+            problems += found
+            if verified is not None:
+                kept[os.path.realpath(path)] = verified
+            self.progress()
+        rest = [(n, i) for n, i in mine if i < 0 or n not in names]
+        problems += verify(ckpt, manifest, rest)
+        problems = [p for part in self.dist.all_gather_object(problems) for p in part]
+        if not problems:
+            self._preloaded.update(kept)
+        return problems
+
+    def _load_file(self, path: str, map_location: Any) -> Any:
+        """DeepSpeed loads one file: from memory when it was read while verifying, else torch.load
+        (a file another rank verified)."""
+        verified = self._preloaded.pop(os.path.realpath(path), None)
+        if verified is not None:
+            return verified.load(map_location)
+        return torch.load(path, map_location=map_location, weights_only=False)
 
     def load(self, engine: Any, found: Found, universal: Path | None = None,
              train_seed: int = 0) -> None:
@@ -269,9 +328,14 @@ class CheckpointManager:
         a rank that did not exist then gets a fresh RNG seeded from (train_seed, step, rank).
         """
         source = universal or found.path
-        load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name,
-                                              load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        if self.writer is None:
+            self.attach(engine)
+        try:
+            load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name,
+                                                  load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            self._preloaded.clear()  # whatever DeepSpeed did not ask for
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {source}")
         if universal is not None:

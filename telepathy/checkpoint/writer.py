@@ -5,7 +5,8 @@ its checkpoint-engine hook (installed by `telepathy.engine.adapter`), which call
 `Writer.snapshot_file`: the state is copied to host memory (CUDA: into pinned buffers reused from save
 to save; CPU: a copy) and the file is queued; `Writer` threads serialise the snapshots with
 torch.save straight into `HashingFile`s (hashed in the same pass, fsynced), several files at
-once. The training loop waits only for the copies.
+once. The training loop waits only for the copies. A synchronous save, which the training loop
+waits for anyway, writes host tensors from where they are (`host_as_is`), without the copy.
 """
 
 from __future__ import annotations
@@ -46,30 +47,34 @@ class PinnedPool:
         return buf
 
 
-def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = ()) -> Any:
+def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = (), host_as_is: bool = False) -> Any:
     """A host copy of a (nested) state: tensors copied, everything else deep-copied.
 
     Device tensors go into pinned buffers with non-blocking copies; the caller synchronises once.
+    `host_as_is`: tensors already in host memory are not copied (a synchronous save, during
+    which nothing changes them, writes them as they are).
     """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
+        if host_as_is and t.device.type == "cpu":
+            return t
         if pool is None:
             return t.to("cpu", copy=True)
         buf = pool.take(slot, t)
         buf.copy_(t, non_blocking=t.device.type != "cpu")
         return buf
     if isinstance(obj, dict):
-        items = [(k, snapshot(v, pool, (*slot, k))) for k, v in obj.items()]
+        items = [(k, snapshot(v, pool, (*slot, k), host_as_is)) for k, v in obj.items()]
         try:
             return type(obj)(items)  # dict, OrderedDict
         except TypeError:
             return dict(items)
     if isinstance(obj, list):
-        return [snapshot(v, pool, (*slot, i)) for i, v in enumerate(obj)]
+        return [snapshot(v, pool, (*slot, i), host_as_is) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         # Keep the type: DeepSpeed's own zero_to_fp32 calls .numel() on the torch.Size values of
         # param_shapes (a plain tuple made its checkpoints unreadable to it).
-        items = [snapshot(v, pool, (*slot, i)) for i, v in enumerate(obj)]
+        items = [snapshot(v, pool, (*slot, i), host_as_is) for i, v in enumerate(obj)]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return copy.deepcopy(obj)
 
@@ -112,11 +117,13 @@ class Writer:
             self.jobs.append((name, self._pool.submit(write_hashed, path, data, self._hash_pool,
                                                       self.algorithm)))
 
-    def snapshot_file(self, state: Any, path: Path, ckpt: Path, pinned: PinnedPool | None) -> None:
+    def snapshot_file(self, state: Any, path: Path, ckpt: Path, pinned: PinnedPool | None,
+                      host_as_is: bool = False) -> None:
         """Copy one file's state to host memory and queue its write; `ckpt` is the checkpoint
-        directory being saved (names in the manifest are relative to it)."""
+        directory being saved (names in the manifest are relative to it). `host_as_is`: a
+        synchronous save; host tensors are written from where they are, not copied."""
         rel = str(path.resolve().relative_to(ckpt.resolve()))
-        copy_ = snapshot(state, pinned, (rel,))
+        copy_ = snapshot(state, pinned, (rel,), host_as_is)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the non-blocking copies are done
         self.submit_state(rel, copy_, path)

@@ -138,6 +138,9 @@ class SaveResult:
     write_s: float
     persist_s: float = 0.0
     seconds: float = 0.0
+    durable_s: float | None = None
+    """From the start of the save until its manifest was durable (what a grace time must cover);
+    `seconds` adds the pruning of older checkpoints after it."""
     bytes: int | None = None
     files: int | None = None
     GB_per_s: float | None = None

@@ -81,9 +81,11 @@ def zipped_serialization(engine: Any) -> bool:
     return bool(engine._config.checkpoint_config.get("checkpoint_serialization", True))
 
 
-def install_checkpoint_engine(engine: Any, save: Callable[[Any, str], None]) -> None:
+def install_checkpoint_engine(engine: Any, save: Callable[[Any, str], None],
+                              load: Callable[[str, Any], Any] | None = None) -> None:
     """Make `engine.save_checkpoint` hand each file's state to `save(state_dict, path)` instead of
-    writing it; loads stay plain `torch.load`s (of files verified before)."""
+    writing it, and `engine.load_checkpoint` read each file with `load(path, map_location)`
+    (default: torch.load; the files were verified before)."""
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     class TelepathyCheckpointEngine(CheckpointEngine):
@@ -98,6 +100,8 @@ def install_checkpoint_engine(engine: Any, save: Callable[[Any, str], None]) -> 
             save(state_dict, path)
 
         def load(self, path: str, map_location=None):
+            if load is not None:
+                return load(path, map_location)
             return torch.load(path, map_location=map_location, weights_only=False)
 
         def commit(self, info) -> bool:

@@ -108,13 +108,17 @@ POINTS = ["save.start", "save.engine_done", "save.file_written", "save.hashed",
           "save.manifest_tmp", "save.done"]
 
 
-def test_sigkill_at_a_random_point_of_a_background_save_resumes_exactly(tmp_path, reference):
+@pytest.mark.parametrize("mode", ["background", "synchronous"])
+def test_sigkill_at_a_random_point_of_a_save_resumes_exactly(tmp_path, reference, mode):
+    """Background saves copy a snapshot; synchronous ones (checkpoint.async_save false, as a
+    preemption's) write host tensors in place: a SIGKILL at any point leaves a resumable run."""
     point, step = RNG.choice(POINTS), RNG.choice([20, 40])
     print(f"SIGKILL at {point}@{step}")
     run_dir = tmp_path / "run"
-    rc = support.run(run_dir, env={"TELEPATHY_FAULT": f"{point}@{step}"})
+    sets = ["checkpoint.async_save=false"] if mode == "synchronous" else []
+    rc = support.run(run_dir, sets=sets, env={"TELEPATHY_FAULT": f"{point}@{step}"})
     assert rc == -signal.SIGKILL, support.log_text(run_dir)
-    assert support.run(run_dir) == 0, support.log_text(run_dir)
+    assert support.run(run_dir, sets=sets) == 0, support.log_text(run_dir)
     assert_same_losses(run_dir, reference(1))
     complete = point == "save.done"
     resumed, = [e["step"] for e in support.events(run_dir, "resume")] or [0]
@@ -134,12 +138,14 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_during_a_background_save_is_reported_and_leaves_the_run_resumable(
-        small_fs, reference):
+@pytest.mark.parametrize("mode", ["background", "synchronous"])
+def test_disk_full_during_a_save_is_reported_and_leaves_the_run_resumable(small_fs, reference,
+                                                                           mode):
     """The filesystem fills up between the space check and the write of checkpoint 40."""
     run_dir = small_fs
-    proc = support.start(run_dir, env={"TELEPATHY_FAULT": "save.start@40,sleep=3;"
-                                                          "step.start@50,sleep=6"})
+    sets = ["checkpoint.async_save=false"] if mode == "synchronous" else []
+    proc = support.start(run_dir, sets=sets, env={"TELEPATHY_FAULT": "save.start@40,sleep=3;"
+                                                                     "step.start@50,sleep=6"})
     support.wait_for_step(run_dir / "metrics.jsonl", 40, 120)
     free = shutil.disk_usage(run_dir).free
     filler = run_dir / "filler"
