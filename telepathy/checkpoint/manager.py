@@ -92,6 +92,8 @@ class CheckpointManager:
         self.writer: Writer | None = None
         self._pinned = PinnedPool()
         self._preloaded: dict[str, VerifiedFile] = {}
+        self.loaded_from_memory = 0
+        """Files DeepSpeed loaded from what verification read (not read a second time)."""
         """Files read and verified by newest_valid, by real path, until `load` deserialises them."""
         self._saving: Path | None = None
         self._in_place = False
@@ -151,6 +153,7 @@ class CheckpointManager:
         # A synchronous save (a preemption's, the last) blocks training until it is durable:
         # host tensors go to disk from where they are, without a snapshot copy.
         self._in_place = wait or not self.async_save
+        self.writer.copy_s = 0.0
         try:
             engine.save_checkpoint(str(self.paths.checkpoints), tag=name, client_state={},
                                    save_latest=False)
@@ -170,14 +173,15 @@ class CheckpointManager:
         hit("save.engine_done")
         jobs = self.writer.take_jobs()
         self._thread = threading.Thread(target=self._persist, name=f"ckpt-{step}", daemon=True,
-                                        args=(step, reason, ckpt, jobs, started, stall))
+                                        args=(step, reason, ckpt, jobs, started, stall,
+                                              self.writer.copy_s))
         self._thread.start()
         if wait or not self.async_save:
             self.wait()
         return stall
 
     def _persist(self, step: int, reason: str, ckpt: Path, jobs: list, started: float,
-                 stall: float) -> None:
+                 stall: float, copy_s: float = 0.0) -> None:
         """Background, every rank: finish this rank's files, agree, and (rank 0) commit."""
         hit = lambda point: self.faults.hit(point, step, self.dist.rank)  # noqa: E731
         entries: dict[str, Any] = {}
@@ -225,6 +229,7 @@ class CheckpointManager:
         size = sum(e["size"] for e in files.values())
         self._result = SaveResult(
             step=step, reason=reason, checkpoint=ckpt.name, stall_s=round(stall, 3),
+            copy_s=round(copy_s, 3),
             write_s=round(written - started - stall, 3), persist_s=round(done - started - stall, 3),
             seconds=round(done - started, 3), error=error,
             **({} if error else {"bytes": size, "files": len(files),
@@ -317,6 +322,7 @@ class CheckpointManager:
         (a file another rank verified)."""
         verified = self._preloaded.pop(os.path.realpath(path), None)
         if verified is not None:
+            self.loaded_from_memory += 1
             return verified.load(map_location)
         return torch.load(path, map_location=map_location, weights_only=False)
 
@@ -328,8 +334,7 @@ class CheckpointManager:
         a rank that did not exist then gets a fresh RNG seeded from (train_seed, step, rank).
         """
         source = universal or found.path
-        if self.writer is None:
-            self.attach(engine)
+        self.attach(engine)  # DeepSpeed reads through this manager (its verified files)
         try:
             load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name,
                                                   load_optimizer_states=True,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,11 @@ class PinnedPool:
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory the buffers hold (one copy of this rank's checkpoint, at most)."""
+        return sum(b.untyped_storage().nbytes() for b in self._buffers.values())
+
     def take(self, slot: tuple, like: torch.Tensor) -> torch.Tensor:
         key = (*slot, tuple(like.shape), like.dtype)
         buf = self._buffers.get(key)
@@ -47,12 +54,14 @@ class PinnedPool:
         return buf
 
 
-def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = (), host_as_is: bool = False) -> Any:
+def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = (), host_as_is: bool = False,
+             copies: list | None = None) -> Any:
     """A host copy of a (nested) state: tensors copied, everything else deep-copied.
 
     Device tensors go into pinned buffers with non-blocking copies; the caller synchronises once.
     `host_as_is`: tensors already in host memory are not copied (a synchronous save, during
-    which nothing changes them, writes them as they are).
+    which nothing changes them, writes them as they are). `copies`: host-to-host copies are
+    listed there (buffer, source) for the caller to run in parallel (`copy_all`), not made.
     """
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
@@ -61,22 +70,46 @@ def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = (), host_as_is: bo
         if pool is None:
             return t.to("cpu", copy=True)
         buf = pool.take(slot, t)
-        buf.copy_(t, non_blocking=t.device.type != "cpu")
+        if copies is not None and t.device.type == "cpu":
+            copies.append((buf, t))
+        else:
+            buf.copy_(t, non_blocking=t.device.type != "cpu")
         return buf
+    again = lambda v, s: snapshot(v, pool, (*slot, s), host_as_is, copies)  # noqa: E731
     if isinstance(obj, dict):
-        items = [(k, snapshot(v, pool, (*slot, k), host_as_is)) for k, v in obj.items()]
+        items = [(k, again(v, k)) for k, v in obj.items()]
         try:
             return type(obj)(items)  # dict, OrderedDict
         except TypeError:
             return dict(items)
     if isinstance(obj, list):
-        return [snapshot(v, pool, (*slot, i), host_as_is) for i, v in enumerate(obj)]
+        return [again(v, i) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         # Keep the type: DeepSpeed's own zero_to_fp32 calls .numel() on the torch.Size values of
         # param_shapes (a plain tuple made its checkpoints unreadable to it).
-        items = [snapshot(v, pool, (*slot, i), host_as_is) for i, v in enumerate(obj)]
+        items = [again(v, i) for i, v in enumerate(obj)]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return copy.deepcopy(obj)
+
+
+COPY_PIECE = 8 * 2**20
+"""Elements per piece of a large host-to-host snapshot copy (pieces run on COPY_THREADS)."""
+COPY_THREADS = max(2, min(4, os.cpu_count() or 2))
+
+
+def copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]], pool: ThreadPoolExecutor) -> None:
+    """Run host-to-host copies in pieces on several threads (torch releases the GIL): on this
+    2-core machine 670 MB copy in 0.055 s instead of 0.098 s on one thread."""
+    pieces = []
+    for dst, src in copies:
+        if dst.is_contiguous() and src.is_contiguous() and src.numel() > COPY_PIECE:
+            flat_dst, flat_src = dst.view(-1), src.view(-1)
+            pieces += [(flat_dst[a:a + COPY_PIECE], flat_src[a:a + COPY_PIECE])
+                       for a in range(0, src.numel(), COPY_PIECE)]
+        else:
+            pieces.append((dst, src))
+    for _ in pool.map(lambda p: p[0].copy_(p[1]), pieces):
+        pass
 
 
 class Writer:
@@ -87,6 +120,7 @@ class Writer:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-write")
         self._hash_pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash")
         self._sync_pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-sync")
+        self._copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="ckpt-copy")
         self.zip = serialization_zip
         self.algorithm = algorithm
         # The zip format's CRC-32 of every record is redundant with the manifest's SHA-256
@@ -95,6 +129,8 @@ class Writer:
         serialization_config.save.compute_crc32 = False
         self.jobs: list[tuple[str, Future]] = []
         self.lock = threading.Lock()
+        self.copy_s = 0.0
+        """Seconds spent in snapshot copies since the caller last reset it (part of the stall)."""
 
     def _torch_save(self, state: Any, path: Path) -> dict[str, Any]:
         f = HashingFile(path, self._hash_pool, sync_pool=self._sync_pool,
@@ -123,9 +159,13 @@ class Writer:
         directory being saved (names in the manifest are relative to it). `host_as_is`: a
         synchronous save; host tensors are written from where they are, not copied."""
         rel = str(path.resolve().relative_to(ckpt.resolve()))
-        copy_ = snapshot(state, pinned, (rel,), host_as_is)
+        started = time.perf_counter()
+        copies: list = []
+        copy_ = snapshot(state, pinned, (rel,), host_as_is, copies)
+        copy_all(copies, self._copy_pool)
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the non-blocking copies are done
+        self.copy_s += time.perf_counter() - started
         self.submit_state(rel, copy_, path)
 
     def take_jobs(self) -> list[tuple[str, Future]]:

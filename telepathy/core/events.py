@@ -136,6 +136,8 @@ class SaveResult:
     checkpoint: str
     stall_s: float
     write_s: float
+    copy_s: float | None = None
+    """Of the stall, the copies into host memory (the rest: DeepSpeed's walk and collectives)."""
     persist_s: float = 0.0
     seconds: float = 0.0
     durable_s: float | None = None

@@ -425,8 +425,10 @@ def restore(checkpoints: CheckpointManager, engine: Any, resumable: Resumable, c
     load_started = time.time()
     checkpoints.load(engine, found, resumable.universal, cfg.train.seed)
     load_s = time.time() - load_started
-    log.info("resumed from %s (step %d), restart %d; verified in %.2f s, loaded in %.2f s",
-             found.path.name, found.step, restart, resumable.verify_s, load_s)
+    log.info("resumed from %s (step %d), restart %d; verified in %.2f s, loaded in %.2f s "
+             "(%d file(s) deserialised from the bytes verification read)", found.path.name,
+             found.step, restart, resumable.verify_s, load_s, checkpoints.loaded_from_memory)
     events.emit(Event.RESUME, step=found.step, checkpoint=found.path.name,
-                verify_s=round(resumable.verify_s, 3), load_s=round(load_s, 3))
+                verify_s=round(resumable.verify_s, 3), load_s=round(load_s, 3),
+                files_read_once=checkpoints.loaded_from_memory)
     return Start(found.step, found.state.get("train_time_s", 0.0), found.state.get("samples_seen"))

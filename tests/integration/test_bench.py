@@ -30,6 +30,24 @@ def test_checkpoint_benchmark_smoke():
                                      "async_stall_vs_memcpy", "async_save_rss_extra_vs_rank_bytes"}
     assert result["hash"] == "xxh3_128" and result["seconds"]["memcpy_mapped_s"] > 0
     assert set(result["hash_GB_per_s_one_thread"]) == {"xxh3_128", "blake3", "sha256"}
+    assert 0 < result["seconds"]["telepathy_sync_save_durable_s"] <= \
+        result["seconds"]["telepathy_sync_save_s"]
+    assert result["cold_cache_loads"] is True and result["snapshot_buffers_bytes"] > 0
+    assert result["throughput"]["every_steps"] == 50 and result["throughput"]["step_s"] > 0
+    # every target reported, and each miss says why
+    assert set(result["targets"]) == {"telepathy_save_vs_disk_limit", "verified_vs_unverified_load",
+                                      "async_stall_vs_memcpy", "checkpoint_overhead_on_throughput"}
+    for key, target in result["targets"].items():
+        assert target["value"] == result["ratios"][key]
+        assert target["met"] or " s " in target["why"], (key, target)
+
+
+def test_resume_benchmark_smoke():
+    result, = smoke("bench.resume")["results"]
+    assert result["model"] == "tiny" and result["world_size"] == 1
+    assert result["seconds"]["cold_start_s"] > 0 and result["seconds"]["resume_s"] > 0
+    assert result["ratios"]["resume_vs_cold_start"] > 0
+    assert "why" in result or result["ratios"]["resume_vs_cold_start"] <= 1.2
 
 
 def test_memory_model_benchmark_smoke():

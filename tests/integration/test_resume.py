@@ -32,6 +32,9 @@ def test_resume_after_sigterm_matches_uninterrupted_losses(tmp_path, reference, 
     assert_same_losses(run_dir, ref)
     resumes = support.events(run_dir, "resume")
     assert [e["restart"] for e in resumes] == [1, 2]
+    # rank 0's two ZeRO-3 files (model and optimizer states) deserialised from the bytes its
+    # verification read: read once, not twice
+    assert [e["files_read_once"] for e in resumes] == [2, 2]
     rows = [r for r in support.metrics(run_dir) if r["step"] > resumes[-1]["step"]]
     assert rows and all(r["restart"] == 2 and r["world_size"] == world for r in rows)
 
