@@ -83,8 +83,9 @@ def one(model: str, world: int, base: Path) -> dict[str, Any]:
         wait_for(lambda: events(run_dir, "checkpoint_saved"), p, "the cold start's checkpoint",
                  run_dir.parent / "log.txt")
         os.killpg(p.pid, signal.SIGTERM)
-        if p.wait(timeout=600) != 75:
-            raise RuntimeError(f"the preempted run exited {p.returncode}, expected 75")
+        p.wait(timeout=600)  # 75 (torchrun exits 1 after forwarding the signal)
+        if not events(run_dir, "preempted"):
+            raise RuntimeError(f"the run exited {p.returncode} without a preemption save")
         cold = first_step_time(run_dir, 0) - started
         started = time.time()
         p = subprocess.Popen(command(run_dir, world, sets), cwd=ROOT, env=env, stdout=log,

@@ -29,7 +29,7 @@ from .hashing import HASH_THREADS, new_hash
 from .manifest import chunk_digests
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
-_PIECE = 16 * 2**20
+_PIECE = 64 * 2**20
 
 
 class NotAZip(Exception):
@@ -136,13 +136,14 @@ def read_verified(path: Path, entry: dict[str, Any],
     if size > at:
         targets.append((at, memoryview(bytearray(size - at))))
     chunk = entry["chunk_bytes"]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
-        def check(index: int) -> str | None:
-            start, end = index * chunk, min((index + 1) * chunk, size)
-            digest = new_hash(algorithm)
+    def check(index: int) -> str | None:
+        start, end = index * chunk, min((index + 1) * chunk, size)
+        digest = new_hash(algorithm)
+        # A descriptor of its own: the kernel's readahead follows each chunk's sequential reads.
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
             for off, view in targets:
                 a, b = max(start, off), min(end, off + len(view))
                 while a < b:
@@ -152,24 +153,24 @@ def read_verified(path: Path, entry: dict[str, Any],
                         return f"{path.name}: read {n} bytes at {a} (file shrank?)"
                     digest.update(piece[:n])
                     a += n
-            found = digest.hexdigest()
-            if found != expected[index]:
-                return (f"{path.name}: bytes {start}-{end - 1} have {algorithm} {found}, "
-                        f"manifest says {expected[index]}")
-            return None
-
-        n_chunks = max(1, -(-size // chunk))
-        if len(expected) != n_chunks:
-            return None, [f"{path.name}: {n_chunks} chunks, manifest lists {len(expected)}"]
-        own = pool is None
-        pool = pool or ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="ckpt-read")
-        try:
-            problems = [p for p in pool.map(check, range(n_chunks)) if p]
         finally:
-            if own:
-                pool.shutdown()
+            os.close(fd)
+        found = digest.hexdigest()
+        if found != expected[index]:
+            return (f"{path.name}: bytes {start}-{end - 1} have {algorithm} {found}, "
+                    f"manifest says {expected[index]}")
+        return None
+
+    n_chunks = max(1, -(-size // chunk))
+    if len(expected) != n_chunks:
+        return None, [f"{path.name}: {n_chunks} chunks, manifest lists {len(expected)}"]
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="ckpt-read")
+    try:
+        problems = [p for p in pool.map(check, range(n_chunks)) if p]
     finally:
-        os.close(fd)
+        if own:
+            pool.shutdown()
     if problems:
         return None, problems
     gaps = sorted((off, view) for off, view in targets if off not in by_offset)
