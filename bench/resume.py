@@ -5,7 +5,9 @@
 For each model and world size, side by side and alternating (this machine is shared and noisy):
 - cold start: `python -m telepathy.resume` (torchrun for world 2) in a fresh run directory; it is
   preempted with SIGTERM after its first checkpoint and exits 75 with a preemption checkpoint;
-- resume: the same command again, in that directory: it finds, verifies and loads the checkpoint.
+- resume: the same command again, in that directory: it finds, verifies and loads the checkpoint
+  (evicted from the page cache first, as for a resume on another node).
+The synthetic corpus is made before the cold start, as real data would be prepared before it.
 Each is timed from just before the process starts to the wall-clock time of its first step's
 metrics line; `resume_vs_cold_start` is the median over repeats of resume / cold start. The
 resume's own `verify_s` and `load_s` (its `resume` event) say where the difference goes.
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.checkpoint import MODELS
+from bench.checkpoint import MODELS, drop_cache
 from telepathy.core.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,17 @@ def one(model: str, world: int, base: Path) -> dict[str, Any]:
     log = open(run_dir.parent / "log.txt", "ab")
     try:
         run_dir.mkdir(parents=True)
+        # The synthetic corpus, made as the run would make it: a cold start with real data
+        # (data.path) makes none, and the resume finds it.
+        from telepathy.config import load_config
+        from telepathy.core.paths import RunPaths
+        from telepathy.data.stream import generate_corpus, write_corpus
+        cfg = load_config(str(CONFIG), sets)
+        corpus = RunPaths.at(run_dir).synthetic_corpus(cfg.data.synthetic_tokens,
+                                                       cfg.model.vocab_size, cfg.data.seed)
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        write_corpus(corpus, generate_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
+                                             cfg.data.seed))
         started = time.time()
         p = subprocess.Popen(command(run_dir, world, sets), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,6 +100,7 @@ def one(model: str, world: int, base: Path) -> dict[str, Any]:
         if not events(run_dir, "preempted"):
             raise RuntimeError(f"the run exited {p.returncode} without a preemption save")
         cold = first_step_time(run_dir, 0) - started
+        drop_cache(RunPaths.at(run_dir).checkpoints)  # as on another node: read from the disk
         started = time.time()
         p = subprocess.Popen(command(run_dir, world, sets), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)

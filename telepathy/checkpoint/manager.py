@@ -22,6 +22,7 @@ Nothing here trusts DeepSpeed's `latest` file. DeepSpeed itself is reached only 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -73,6 +74,15 @@ def fits(free_bytes: int, needed_bytes: int, margin: float = 1.1) -> bool:
     return free_bytes >= needed_bytes * margin
 
 
+PRELOAD_RESERVE_BYTES = 2 * 2**30
+"""Host memory left free when a rank keeps its verified files in memory until the load."""
+
+
+def _available_memory() -> int:
+    import psutil
+    return psutil.virtual_memory().available
+
+
 class CheckpointManager:
     def __init__(self, paths: RunPaths, dist: Collective, keep: int, faults: FaultPlan = FaultPlan(),
                  estimate_bytes: int = 0, async_save: bool = True,
@@ -92,9 +102,9 @@ class CheckpointManager:
         self.writer: Writer | None = None
         self._pinned = PinnedPool()
         self._preloaded: dict[str, VerifiedFile] = {}
+        """Files read and verified by newest_valid, by real path, until `load` deserialises them."""
         self.loaded_from_memory = 0
         """Files DeepSpeed loaded from what verification read (not read a second time)."""
-        """Files read and verified by newest_valid, by real path, until `load` deserialises them."""
         self._saving: Path | None = None
         self._in_place = False
         self._thread: threading.Thread | None = None
@@ -197,6 +207,9 @@ class CheckpointManager:
                 fsync_dir(sub)
         except Exception as exc:  # disk full, I/O error: reported, never fatal to training
             error = f"rank {self.dist.rank}: {type(exc).__name__}: {exc}"
+            # The other writes may still read the state (live tensors in a synchronous save):
+            # they end before training can go on.
+            concurrent.futures.wait([future for _, future in jobs])
         written = time.time()
         parts: list[Any] = [None] * self.dist.world_size
         if self._group is not None:
@@ -218,10 +231,15 @@ class CheckpointManager:
                                   before_replace=lambda: hit("save.manifest_tmp"))
                 fsync_dir(self.paths.checkpoints)
                 durable = time.time()
-                hit("save.done")
-                self.prune()
             except Exception as exc:
                 error = f"rank 0: {type(exc).__name__}: {exc}"
+            if error is None:
+                try:  # the new checkpoint is durable: a failed prune must not undo it
+                    hit("save.done")
+                    self.prune()
+                except Exception as exc:
+                    log.warning("pruning after the save of step %d failed: %s: %s", step,
+                                type(exc).__name__, exc)
         if error is not None and self.dist.is_main:
             shutil.rmtree(ckpt, ignore_errors=True)  # every rank is done with it
         done = time.time()
@@ -296,14 +314,26 @@ class CheckpointManager:
         else:  # converted for this world size first: ds_to_universal reads every file itself
             names = set()
         problems, kept = [], {}
+        room = _available_memory()
         for name in sorted(names):
             path = ckpt / name
             if not path.is_file() or path.stat().st_size != files[name]["size"]:
                 names.discard(name)  # reported by the whole-file check
                 continue
+            # Held from here until load (the engine is built in between): only with room to spare.
+            room -= files[name]["size"]
+            if room < PRELOAD_RESERVE_BYTES:
+                names.discard(name)
+                continue
             try:
                 verified, found = read_verified(path, files[name])
             except NotAZip:
+                names.discard(name)
+                continue
+            except (OSError, MemoryError, RuntimeError, ValueError) as exc:
+                # Verified from disk below instead; every rank still reaches the gather.
+                log.warning("reading %s for verification failed (%s: %s); verifying it from disk",
+                            path, type(exc).__name__, exc)
                 names.discard(name)
                 continue
             problems += found

@@ -41,6 +41,7 @@ class _Record:
     name: str  # without the archive's top folder, as torch names it ("data/0", "data.pkl")
     offset: int  # of its bytes in the file
     size: int
+    header_offset: int  # of its local header
 
 
 def zip_records(path: Path) -> list[_Record]:
@@ -61,18 +62,21 @@ def zip_records(path: Path) -> list[_Record]:
                 raise NotAZip(f"{info.filename}: no local header at {info.header_offset}")
             *_, name_len, extra_len = _LOCAL_HEADER.unpack(header)
             offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-            records.append(_Record(info.filename.split("/", 1)[1], offset, info.file_size))
+            records.append(_Record(info.filename.split("/", 1)[1], offset, info.file_size,
+                                   info.header_offset))
     return records
 
 
 class VerifiedFile:
     """A torch zip file read once and verified: its records in memory, ready to deserialise."""
 
-    def __init__(self, path: Path, records: dict[str, Any], by_offset: dict[int, Any]):
+    def __init__(self, path: Path, records: dict[str, Any], by_offset: dict[int, Any],
+                 headers: dict[str, int]):
         self.path = path
         self._records = records  # name -> bytes (small records) or UntypedStorage (tensors)
-        self._by_offset = by_offset  # offset -> UntypedStorage
+        self._by_offset = by_offset  # offset -> (name, UntypedStorage)
         self._offsets = {name: off for off, (name, _) in by_offset.items()}
+        self._headers = headers  # name -> offset of its local header
 
     # The parts of torch's zip reader that torch.serialization._load uses.
     def has_record(self, name: str) -> bool:
@@ -83,6 +87,13 @@ class VerifiedFile:
 
     def get_record_offset(self, name: str) -> int:
         return self._offsets[name]
+
+    def get_record_header_offset(self, name: str) -> int:
+        return self._headers[name]
+
+    def get_record_offset_no_read(self, header_offset: int, name: str, size: int,
+                                  alignment: int) -> int:
+        return self._offsets[name]  # (torch.utils.serialization.config.load.calculate_storage_offsets)
 
     def serialization_id(self) -> str:
         return bytes(self._records.get(".data/serialization_id", b"")).decode(errors="replace")
@@ -117,24 +128,29 @@ def read_verified(path: Path, entry: dict[str, Any],
     records = zip_records(path)
     # Where each byte of the file goes: tensor records into their own storage, the rest into
     # gap buffers (headers, pickle, small records), in file order.
-    targets: list[tuple[int, memoryview]] = []  # (file offset, destination)
+    targets: list[tuple[int, memoryview]] = []  # (file offset, destination), in file order
+    gaps: list[tuple[int, memoryview]] = []  # the part of targets that is not tensor data
     by_offset: dict[int, tuple[str, Any]] = {}
     small: dict[str, tuple[int, int]] = {}
     at = 0
+
+    def gap(end: int) -> None:
+        if end > at:
+            gaps.append((at, memoryview(bytearray(end - at))))
+            targets.append(gaps[-1])
+
     for rec in sorted(records, key=lambda r: r.offset):
         if rec.offset < at or rec.offset + rec.size > size:
             raise NotAZip(f"record {rec.name} at {rec.offset}+{rec.size} overlaps or overruns")
         if rec.name.startswith("data/"):
-            if rec.offset > at:
-                targets.append((at, memoryview(bytearray(rec.offset - at))))
+            gap(rec.offset)
             tensor = torch.empty(rec.size, dtype=torch.uint8)
             targets.append((rec.offset, memoryview(tensor.numpy()).cast("B")))
             by_offset[rec.offset] = (rec.name, tensor.untyped_storage())
             at = rec.offset + rec.size
         else:
             small[rec.name] = (rec.offset, rec.size)
-    if size > at:
-        targets.append((at, memoryview(bytearray(size - at))))
+    gap(size)
     chunk = entry["chunk_bytes"]
 
     def check(index: int) -> str | None:
@@ -173,9 +189,12 @@ def read_verified(path: Path, entry: dict[str, Any],
             pool.shutdown()
     if problems:
         return None, problems
-    gaps = sorted((off, view) for off, view in targets if off not in by_offset)
     named: dict[str, Any] = {name: storage for name, storage in by_offset.values()}
     for name, (off, n) in small.items():
-        base, view = max((g for g in gaps if g[0] <= off), key=lambda g: g[0])
+        inside = [(base, view) for base, view in gaps if base <= off and off + n <= base + len(view)]
+        if not inside:
+            raise NotAZip(f"record {name} at {off}+{n} lies in no gap between tensor records")
+        base, view = inside[0]
         named[name] = view[off - base:off - base + n]
-    return VerifiedFile(path, named, by_offset), []
+    return VerifiedFile(path, named, by_offset,
+                        {r.name: r.header_offset for r in records}), []

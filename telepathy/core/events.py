@@ -136,8 +136,6 @@ class SaveResult:
     checkpoint: str
     stall_s: float
     write_s: float
-    copy_s: float | None = None
-    """Of the stall, the copies into host memory (the rest: DeepSpeed's walk and collectives)."""
     persist_s: float = 0.0
     seconds: float = 0.0
     durable_s: float | None = None
@@ -147,6 +145,8 @@ class SaveResult:
     files: int | None = None
     GB_per_s: float | None = None
     error: str | None = None
+    copy_s: float | None = None
+    """Of the stall, the copies into host memory (the rest: DeepSpeed's walk and collectives)."""
 
     @property
     def ok(self) -> bool:

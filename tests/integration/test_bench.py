@@ -32,7 +32,7 @@ def test_checkpoint_benchmark_smoke():
     assert set(result["hash_GB_per_s_one_thread"]) == {"xxh3_128", "blake3", "sha256"}
     assert 0 < result["seconds"]["telepathy_sync_save_durable_s"] <= \
         result["seconds"]["telepathy_sync_save_s"]
-    assert result["cold_cache_loads"] is True and result["snapshot_buffers_bytes"] > 0
+    assert result["snapshot_buffers_bytes"] > 0
     assert result["throughput"]["every_steps"] == 50 and result["throughput"]["step_s"] > 0
     # every target reported, and each miss says why
     assert set(result["targets"]) == {"telepathy_save_vs_disk_limit", "verified_vs_unverified_load",
