@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "tiny": [],
@@ -466,7 +468,6 @@ def main(argv: list[str] | None = None) -> int:
         cases, repeats = [(m, w) for m in models for w in worlds], args.repeats
     results = [run_case(m, w, repeats, base, args.hash) for m, w in cases]
     report = {"disk": str(base), "results": results}
-    print(json.dumps(report, indent=1))
     for r in results:
         s, g, q = r["seconds"], r["GB_per_s"], r["ratios"]
         print(f"{r['model']:>5} world {r['world_size']}: {r['bytes'] / 1e6:8.1f} MB | disk "
@@ -476,9 +477,7 @@ def main(argv: list[str] | None = None) -> int:
               f"total {s['telepathy_async_total_s']:.3f} | load: DeepSpeed "
               f"{s['deepspeed_load_s']:.3f}, verify {s['telepathy_verify_s']:.3f} + load "
               f"{s['telepathy_load_s']:.3f} | ratios {q}", file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 # (name, layers, hidden, intermediate, heads, kv heads, vocab, seq_len, micro)
@@ -117,14 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = gpu_rows() + cpu_rows(CPU_CASES[:1] if args.smoke else CPU_CASES)
     report = {"rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows)}
-    print(json.dumps(report, indent=1))
     for r in rows:
         print(f"{r['device']:>16} {r['case']:>6} micro {r['micro_batch']:>2}: model "
               f"{r['model_gib']:7.3f} GiB, measured {r['measured_gib']:7.3f} GiB, error "
               f"{r['error']:+.1%}", file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -31,9 +31,16 @@ from .manifest import MANIFEST, chunk_digests, digest_of, tasks
 HASHES = ("xxh3_128", "blake3", "sha256")
 DEFAULT_HASH = "xxh3_128"
 CHUNK_BYTES = 64 * 2**20
-SYNC_BYTES = 64 * 2**20
-"""Written bytes after which a background fdatasync starts (overlapping writeback)."""
 HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+def cores_per_rank() -> int:
+    """This rank's share of the node's cores: the ranks of one node (LOCAL_WORLD_SIZE from
+    torchrun, SLURM_NTASKS_PER_NODE from srun) split them, so that their reader and copy threads
+    do not outnumber the cores (two ranks on this 2-core machine: one each)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    m = re.match(r"\d+", local)
+    return max(1, (os.cpu_count() or 1) // max(1, int(m.group()) if m else 1))
 _READ = 8 * 2**20
 
 
@@ -80,12 +87,9 @@ class HashingFile:
     """
 
     def __init__(self, path: Path, pool: ThreadPoolExecutor, chunk_bytes: int = CHUNK_BYTES,
-                 sync_pool: ThreadPoolExecutor | None = None, algorithm: str = DEFAULT_HASH):
+                 algorithm: str = DEFAULT_HASH):
         self._f: BinaryIO = open(path, "wb", buffering=0)  # errors (ENOSPC) surface here
         self._pool = pool
-        self._sync_pool = sync_pool
-        self._syncing: Future | None = None
-        self._unsynced = 0
         self._chunk_bytes = chunk_bytes
         self._chunks: list[str] = []
         self.algorithm = algorithm
@@ -120,12 +124,6 @@ class HashingFile:
         finally:
             hashed.result()
         self.size += len(view)
-        self._unsynced += len(view)
-        if self._sync_pool is not None and self._unsynced >= SYNC_BYTES and \
-                (self._syncing is None or self._syncing.done()):
-            # Start writing back to disk while serialisation goes on; close() waits for it.
-            self._syncing = self._sync_pool.submit(os.fdatasync, self._f.fileno())
-            self._unsynced = 0
         return len(view)
 
     def flush(self) -> None:
@@ -134,8 +132,8 @@ class HashingFile:
     def close(self) -> dict[str, Any]:
         """Flush, fsync, close; the manifest entry of what was written."""
         self._f.flush()
-        if self._syncing is not None:
-            self._syncing.result()
+        # One fsync at the end: background fdatasyncs every 64 MiB made the write slower on
+        # this disk (0.63 s against 0.50 s for 672 MB, raw write + fsync 0.49 s; medians of 8).
         os.fsync(self._f.fileno())
         self._f.close()
         if self._in_chunk or not self._chunks:
@@ -143,8 +141,6 @@ class HashingFile:
         return entry_of(self.size, self._chunk_bytes, self.algorithm, self._chunks)
 
     def abort(self) -> None:
-        if self._syncing is not None:
-            self._syncing.exception()
         self._f.close()
 
 

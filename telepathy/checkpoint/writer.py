@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from .hashing import DEFAULT_HASH, HashingFile, write_hashed
+from .hashing import DEFAULT_HASH, HashingFile, cores_per_rank, write_hashed
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,8 @@ def snapshot(obj: Any, pool: PinnedPool | None, slot: tuple = (), host_as_is: bo
 
 COPY_PIECE = 8 * 2**20
 """Elements per piece of a large host-to-host snapshot copy (pieces run on COPY_THREADS)."""
-COPY_THREADS = max(2, min(4, os.cpu_count() or 2))
+COPY_THREADS = 4
+"""At most; fewer when the node's cores are shared with other ranks (hashing.cores_per_rank)."""
 
 
 def copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]], pool: ThreadPoolExecutor) -> None:
@@ -119,8 +119,8 @@ class Writer:
                  algorithm: str = DEFAULT_HASH):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-write")
         self._hash_pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-hash")
-        self._sync_pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-sync")
-        self._copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="ckpt-copy")
+        self._copy_pool = ThreadPoolExecutor(min(COPY_THREADS, cores_per_rank()),
+                                             thread_name_prefix="ckpt-copy")
         self.zip = serialization_zip
         self.algorithm = algorithm
         # The zip format's CRC-32 of every record is redundant with the manifest's SHA-256
@@ -133,8 +133,7 @@ class Writer:
         """Seconds spent in snapshot copies since the caller last reset it (part of the stall)."""
 
     def _torch_save(self, state: Any, path: Path) -> dict[str, Any]:
-        f = HashingFile(path, self._hash_pool, sync_pool=self._sync_pool,
-                        algorithm=self.algorithm)
+        f = HashingFile(path, self._hash_pool, algorithm=self.algorithm)
         try:
             torch.save(state, f, _use_new_zipfile_serialization=self.zip)
         except BaseException as exc:
