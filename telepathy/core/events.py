@@ -49,7 +49,8 @@ EVENTS: dict[Event, tuple[str, str]] = {
                    "launcher, slurm_restart_count, device, micro_batch, accum, global_batch, "
                    "offload, plan_mem_gib, gpu_mem_gib, plan_notes, pid, host, stdout, stderr"),
     Event.START: ("a new run: no checkpoint to resume from", "step, parameters"),
-    Event.RESUME: ("resumed from a verified checkpoint", "step, checkpoint, verify_s, load_s"),
+    Event.RESUME: ("resumed from a verified checkpoint",
+                   "step, checkpoint, verify_s, load_s, files_read_once"),
     Event.CHECKPOINT_REJECTED: ("a checkpoint failed verification or is incomplete; the run "
                                 "falls back to an older one", "checkpoint, problems"),
     Event.CONFIG_FORCED: ("resumed with --force despite trajectory changes", "changes"),
@@ -60,10 +61,10 @@ EVENTS: dict[Event, tuple[str, str]] = {
     Event.CHECKPOINT_STARTED: ("a save began (the snapshot)", "step, reason"),
     Event.CHECKPOINT_SAVED: ("a save is complete: its manifest is durable",
                              "step, reason, checkpoint, stall_s, write_s, persist_s, seconds, "
-                             "bytes, files, GB_per_s"),
+                             "durable_s, bytes, files, GB_per_s, copy_s"),
     Event.CHECKPOINT_FAILED: ("a save failed (disk full, I/O error); its directory is removed",
                               "step, reason, checkpoint, stall_s, write_s, persist_s, seconds, "
-                              "error"),
+                              "error, copy_s"),
     Event.CHECKPOINT_SKIPPED: ("a save was not started: the checkpoint would not fit on disk",
                                "step, reason, free_bytes, needed_bytes"),
     Event.OOM_RECOVERED: ("an out-of-memory step was retried with a smaller micro-batch",
