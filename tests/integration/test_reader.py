@@ -141,3 +141,21 @@ def test_a_truncated_file_and_a_legacy_file(tmp_path, saved):
     text.write_bytes(io.BytesIO(b'{"step": 1}').read())
     with pytest.raises(NotAZip):
         read_verified(text, hash_file(text, chunk_bytes=CHUNK))
+
+
+def test_the_writer_threads_really_save_without_the_zip_crc(tmp_path):
+    """torch's serialization config is per thread: telepathy's writer turns the CRC-32 off on
+    the thread that saves (set on the main thread only, it never applied there). The records
+    of what it writes carry no CRC, and torch.load reads them all the same."""
+    from telepathy.checkpoint.writer import Writer
+    state = tricky_state()
+    writer = Writer(serialization_zip=True)  # what DeepSpeed asks for by default
+    writer.submit_state("state.pt", state, tmp_path / "state.pt")
+    (name, future), = writer.take_jobs()
+    entry = future.result()
+    with zipfile.ZipFile(tmp_path / "state.pt") as z:
+        crcs = {i.filename.split("/", 1)[1]: i.CRC for i in z.infolist()}
+    assert {n: c for n, c in crcs.items() if n.startswith("data/") and c != 0} == {}
+    assert same(torch.load(tmp_path / "state.pt", weights_only=False), state)
+    verified, problems = read_verified(tmp_path / "state.pt", entry)
+    assert problems == [] and same(verified.load("cpu"), state)
