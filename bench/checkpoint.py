@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import write_report
+from bench import add_case_arguments, cases_of, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -445,10 +445,7 @@ def run_case(model: str, world: int, repeats: int, base: Path,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny model, world 1, one repeat")
-    p.add_argument("--model", choices=list(MODELS))
-    p.add_argument("--world", type=int, choices=[1, 2])
-    p.add_argument("--repeats", type=int, default=3)
+    add_case_arguments(p, list(MODELS), repeats=3)
     p.add_argument("--hash", default="xxh3_128", help="telepathy's checksum (checkpoint.hash)")
     p.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where to write (the disk)")
     p.add_argument("--out", help="JSON file to write")
@@ -460,12 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        cases, repeats = [("tiny", 1)], 1
-    else:
-        models = [args.model] if args.model else list(MODELS)
-        worlds = [args.world] if args.world else [1, 2]
-        cases, repeats = [(m, w) for m in models for w in worlds], args.repeats
+    cases, repeats = cases_of(args, list(MODELS))
     results = [run_case(m, w, repeats, base, args.hash) for m, w in cases]
     report = {"disk": str(base), "results": results}
     for r in results:

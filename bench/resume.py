@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import write_report
+from bench import add_case_arguments, cases_of, write_report
 from bench.checkpoint import MODELS, drop_cache
 from telepathy.core.jsonl import read_jsonl
 
@@ -142,21 +142,13 @@ def run_case(model: str, world: int, repeats: int, base: Path) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny model, world 1, one repeat")
-    p.add_argument("--model", choices=list(MODELS))
-    p.add_argument("--world", type=int, choices=[1, 2])
-    p.add_argument("--repeats", type=int, default=2)
+    add_case_arguments(p, list(MODELS), repeats=2)
     p.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where the runs go")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args(argv)
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        cases, repeats = [("tiny", 1)], 1
-    else:
-        models = [args.model] if args.model else list(MODELS)
-        worlds = [args.world] if args.world else [1, 2]
-        cases, repeats = [(m, w) for m in models for w in worlds], args.repeats
+    cases, repeats = cases_of(args, list(MODELS))
     results = [run_case(m, w, repeats, base) for m, w in cases]
     report = {"results": results}
     for r in results:
