@@ -270,8 +270,6 @@ def worker(args: argparse.Namespace) -> None:
         times.setdefault(name, []).append(time.perf_counter() - started)
         return out
 
-    from torch.utils.serialization import config as serialization
-
     async_manager = CheckpointManager(paths, dist, keep=2, async_save=True,
                                       hash_algorithm=args.hash)
     async_manager.attach(engine)  # one manager for the run: its host buffers are reused
@@ -296,7 +294,6 @@ def worker(args: argparse.Namespace) -> None:
         w, r = zip(*dist.all_gather_object((rw["w"], rw["r"])))
         times.setdefault("disk_write_fsync_s", []).append(max(w))
         times.setdefault("disk_read_s", []).append(max(r))
-        serialization.save.compute_crc32 = False  # telepathy's writer setting
         sync.attach(engine)
         with PeakRss() as peak:
             base = rss_bytes()
@@ -335,7 +332,6 @@ def worker(args: argparse.Namespace) -> None:
         timed("telepathy_load_s", lambda: sync.load(engine, found))
 
         engine.checkpoint_engine = ds_engine
-        serialization.save.compute_crc32 = True  # torch's default, for DeepSpeed and torch.save
         timed("deepspeed_save_s", lambda: engine.save_checkpoint(str(root / "ds"), tag=f"t{step}",
                                                                  save_latest=False))
 

@@ -31,9 +31,6 @@ from .manifest import MANIFEST, chunk_digests, digest_of, tasks
 HASHES = ("xxh3_128", "blake3", "sha256")
 DEFAULT_HASH = "xxh3_128"
 CHUNK_BYTES = 64 * 2**20
-HASH_THREADS = max(2, min(8, os.cpu_count() or 2))
-
-
 def cores_per_rank() -> int:
     """This rank's share of the node's cores: the ranks of one node (LOCAL_WORLD_SIZE from
     torchrun, SLURM_NTASKS_PER_NODE from srun) split them, so that their reader and copy threads
@@ -41,6 +38,11 @@ def cores_per_rank() -> int:
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
     m = re.match(r"\d+", local)
     return max(1, (os.cpu_count() or 1) // max(1, int(m.group()) if m else 1))
+
+
+def hash_threads() -> int:
+    """Threads that hash (and read) on this rank: its share of the cores, at most 8."""
+    return min(8, cores_per_rank())
 _READ = 8 * 2**20
 
 
@@ -196,7 +198,7 @@ def _whole_sha256(path: Path) -> str:
 
 
 def verify(ckpt: Path, manifest: dict[str, Any], units: Iterable[tuple[str, int]],
-           threads: int = HASH_THREADS) -> list[str]:
+           threads: int | None = None) -> list[str]:
     """Problems found in these units of a checkpoint (empty: they match), checked in parallel."""
     def check(unit: tuple[str, int]) -> str | None:
         name, index = unit
@@ -225,7 +227,7 @@ def verify(ckpt: Path, manifest: dict[str, Any], units: Iterable[tuple[str, int]
                     f"have {algorithm} {found}, manifest says {expected}")
         return None
 
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads or hash_threads()) as pool:
         return [p for p in pool.map(check, list(units)) if p]
 
 

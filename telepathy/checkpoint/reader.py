@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .hashing import HASH_THREADS, cores_per_rank, new_hash
+from .hashing import hash_threads, new_hash
 from .manifest import chunk_digests
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
@@ -181,8 +181,7 @@ def read_verified(path: Path, entry: dict[str, Any],
     if len(expected) != n_chunks:
         return None, [f"{path.name}: {n_chunks} chunks, manifest lists {len(expected)}"]
     own = pool is None
-    pool = pool or ThreadPoolExecutor(min(HASH_THREADS, cores_per_rank()),
-                                      thread_name_prefix="ckpt-read")
+    pool = pool or ThreadPoolExecutor(hash_threads(), thread_name_prefix="ckpt-read")
     try:
         problems = [p for p in pool.map(check, range(n_chunks)) if p]
     finally:

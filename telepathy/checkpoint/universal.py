@@ -37,7 +37,7 @@ from ..core.fsutil import fsync_dir, write_json_atomic
 from ..core.paths import RunPaths
 from ..engine import adapter
 from .directory import Found, read_manifest
-from .hashing import DEFAULT_HASH, HASH_THREADS, Collective, hash_file, list_files, verify_across
+from .hashing import DEFAULT_HASH, Collective, hash_file, hash_threads, list_files, verify_across
 from .manifest import FORMAT, MANIFEST, seal
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _convert(found: Found, target: Path, workers: int) -> dict[str, Any]:
     converted = time.time()
     files = list_files(tmp)
     algorithm = read_manifest(found.path).get("hash", DEFAULT_HASH)  # the source's
-    with ThreadPoolExecutor(HASH_THREADS) as pool:
+    with ThreadPoolExecutor(hash_threads()) as pool:
         entries = dict(zip(files, pool.map(
             lambda n: hash_file(tmp / n, fsync=True, algorithm=algorithm), files)))
     for sub in {(tmp / n).parent for n in files}:
