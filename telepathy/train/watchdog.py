@@ -77,8 +77,11 @@ class Watchdog(Background):
     def __init__(self, timeout_s: float, rank: int = 0,
                  on_hang: Callable[[Hang], None] = lambda hang: None,
                  out: TextIO | None = None, exit_code: int = exits.HUNG, backstop: bool = True,
-                 exit: Callable[[int], None] = os._exit):
+                 exit: Callable[[int], None] = os._exit,
+                 clock: Callable[[], float] = time.monotonic):
         self.timeout_s = timeout_s
+        self.clock = clock
+        """Seconds, monotonic: time.monotonic, or a test's hand-moved clock."""
         self.rank = rank
         self.on_hang = on_hang
         self.out = out
@@ -88,7 +91,8 @@ class Watchdog(Background):
         self.where = "start-up"
         self.allowance_s = timeout_s
         self.step = 0
-        self._last = time.monotonic()
+        self._last = clock()
+        self._polled = self._last
         self._lock = threading.Lock()
         """Keeps (where, allowance, last) consistent between the trainer and this thread."""
         self._armed_at: float | None = None
@@ -103,14 +107,14 @@ class Watchdog(Background):
         with self._lock:
             self.where = where
             self.allowance_s = max(self.timeout_s, allowance_s or 0.0)
-            self._last = time.monotonic()
+            self._last = self.clock()
 
     def progress(self, step: int | None = None) -> None:
         """Work was done (a step completed: pass it; a file written). Thread-safe."""
         with self._lock:
             if step is not None:
                 self.step = step
-            self._last = time.monotonic()
+            self._last = self.clock()
 
     # -- the thread -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -126,25 +130,32 @@ class Watchdog(Background):
         self.stop()
 
     def _run(self) -> None:
-        polled = time.monotonic()
+        self._polled = self.clock()
         while not self._stop.wait(self.poll_s):
-            now = time.monotonic()
-            if now - polled > max(5.0, 10 * self.poll_s):
-                # This process was stopped (SIGSTOP then SIGCONT, scontrol suspend/resume): the
-                # time it lay still is nobody's hang. Start counting again.
-                self.progress()
-            polled = now
-            with self._lock:
-                last, allowance = self._last, self.allowance_s
-            idle = now - last
-            if idle > allowance:
-                self._fire(idle, allowance)
+            if self.check():
                 return
-            if self.backstop and self._armed_at != last:
-                # The C timer: stacks and exit 1 if this thread cannot run (the GIL never freed).
-                faulthandler.dump_traceback_later(allowance - idle + max(30.0, allowance / 4),
-                                                  exit=True, file=self._stream())
-                self._armed_at = last
+
+    def check(self) -> bool:
+        """One look (the thread's loop makes one every `poll_s`): fire when the rank has been
+        idle past its allowance; True once fired."""
+        now = self.clock()
+        if now - self._polled > max(5.0, 10 * self.poll_s):
+            # This process was stopped (SIGSTOP then SIGCONT, scontrol suspend/resume): the
+            # time it lay still is nobody's hang. Start counting again.
+            self.progress()
+        self._polled = now
+        with self._lock:
+            last, allowance = self._last, self.allowance_s
+        idle = now - last
+        if idle > allowance:
+            self._fire(idle, allowance)
+            return True
+        if self.backstop and self._armed_at != last:
+            # The C timer: stacks and exit 1 if this thread cannot run (the GIL never freed).
+            faulthandler.dump_traceback_later(allowance - idle + max(30.0, allowance / 4),
+                                              exit=True, file=self._stream())
+            self._armed_at = last
+        return False
 
     def _stream(self) -> TextIO:
         return self.out or sys.__stderr__

@@ -22,7 +22,30 @@ from telepathy.train.watchdog import Watchdog
 from tests import support
 
 
-def watchdog(timeout_s, out=None, **kw):
+class Clock:
+    """A hand-moved monotonic clock: the watchdog's decisions without waiting for them."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+    def looks(self, dog, seconds):
+        """Move on `seconds`, the watchdog looking every `poll_s` as its thread does; whether it
+        fired."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + dog.poll_s)
+            if dog.check():
+                return True
+        return False
+
+
+def watchdog(timeout_s, out=None, clock=time.monotonic, **kw):
     exits_seen, hangs = [], []
     done = threading.Event()
 
@@ -31,43 +54,63 @@ def watchdog(timeout_s, out=None, **kw):
         done.set()
 
     dog = Watchdog(timeout_s, rank=3, on_hang=hangs.append, out=out, backstop=False,
-                   exit=exit_, **kw)
-    dog.poll_s = 0.02
+                   exit=exit_, clock=clock, **kw)
     return dog, exits_seen, hangs, done
 
 
 def test_the_watchdog_fires_after_the_timeout_without_progress_and_reports_where(tmp_path):
     log = open(tmp_path / "rank.log", "w+")  # faulthandler writes to a file descriptor
-    dog, exits_seen, hangs, done = watchdog(10, out=log)
-    dog.timeout_s = dog.allowance_s = 0.3  # (the config refuses < 10 s; the thread does not)
+    clock = Clock()
+    dog, exits_seen, hangs, _ = watchdog(10, out=log, clock=clock)
     dog.expect("training step 8")
     dog.progress(7)
-    started = time.monotonic()
-    with dog:
-        assert done.wait(5)
-    assert 0.3 <= time.monotonic() - started < 2
+    assert not clock.looks(dog, 10) and not exits_seen  # idle exactly the timeout: not yet
+    assert clock.looks(dog, 0.5)
     assert exits_seen == [exits.HUNG]
     hang, = hangs
     assert (hang.rank, hang.step, hang.where) == (3, 7, "training step 8")
+    assert (hang.idle_s, hang.allowance_s) == (10.5, 10)
     assert "test_hang_and_chaos.py" in hang.frame  # the main thread is in this test
     log.seek(0)
     stacks = log.read()
     assert "most recent call first" in stacks and "in _fire" in stacks  # every thread's stack
 
 
-def test_progress_keeps_the_watchdog_quiet_and_an_allowance_extends_a_phase():
-    dog, exits_seen, _, done = watchdog(10)
-    dog.timeout_s = 0.3
-    dog.expect("start-up", allowance_s=1.0)  # a measured start-up: 1 s
+def test_the_watchdog_thread_looks_by_itself():
+    dog, exits_seen, hangs, done = watchdog(10)
+    dog.timeout_s = dog.allowance_s = 0.2  # (the config refuses < 10 s; the thread does not)
+    dog.poll_s = 0.02
+    dog.progress(4)
     with dog:
-        assert not done.wait(0.6)  # past the timeout, within the allowance
-        for step in range(10):  # steps every 0.1 s: never idle for 0.3 s
-            dog.expect(f"training step {step + 1}")
-            time.sleep(0.1)
-            dog.progress(step + 1)
-        assert not exits_seen
-        assert done.wait(2)  # then silence: it fires
-    assert exits_seen == [exits.HUNG]
+        assert done.wait(60)  # no step ever comes: it fires on its own
+    assert exits_seen == [exits.HUNG] and hangs[0].step == 4 and hangs[0].idle_s > 0.2
+
+
+def test_progress_keeps_the_watchdog_quiet_and_an_allowance_extends_a_phase():
+    clock = Clock()
+    dog, exits_seen, _, _ = watchdog(10, clock=clock)
+    dog.expect("start-up", allowance_s=30)  # a measured start-up: 30 s
+    assert not clock.looks(dog, 25)  # past the timeout, within the allowance
+    for step in range(10):  # a step every 9 s: never idle for 10 s
+        dog.expect(f"training step {step + 1}")
+        assert not clock.looks(dog, 9)
+        dog.progress(step + 1)
+    assert not exits_seen
+    assert not clock.looks(dog, 10)
+    assert clock.looks(dog, 0.5) and exits_seen == [exits.HUNG]  # then silence: it fires
+
+
+def test_time_the_process_lay_stopped_is_not_counted_as_idle():
+    """Between two looks more time passed than the loop ever sleeps (SIGSTOP then SIGCONT):
+    idle is counted again from the wake-up, so the rank gets its whole timeout once more."""
+    clock = Clock()
+    dog, exits_seen, hangs, _ = watchdog(10, clock=clock)
+    dog.progress(3)
+    assert not clock.looks(dog, 8)
+    clock.advance(60)  # stopped for a minute: no look meanwhile
+    assert not dog.check()
+    assert not clock.looks(dog, 10)
+    assert clock.looks(dog, 0.5) and hangs[0].idle_s == 10.5 and exits_seen == [exits.HUNG]
 
 
 def test_a_hang_or_a_one_rank_oom_event_names_the_allocations_end():
