@@ -2,8 +2,8 @@
 and the records that travel through them (a save's result, an allocation's end). Pure.
 
 Everything that writes or reads those files uses the names here; `Stamp.record` is the one place
-that stamps an event with its time, restart, job id and world size. The README's run-directory
-section documents every event of `EVENTS` (a test keeps the two in step).
+that stamps an event with its time, restart, job id and world size. docs/run-directory.md
+documents every event of `EVENTS` (a test keeps the two in step).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The house: rooms that import downwards only, pure modules that touch nothing, no import
-cycle, every room saying what it owns and may import, the README's layout matching the tree,
+cycle, every room saying what it owns and may import, docs/layout.md matching the tree,
 and one `telepathy` command."""
 
 import re
@@ -17,6 +17,7 @@ from tests.support import ROOT
 PACKAGE = ROOT / "telepathy"
 ROOMS = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
 LINT = Path(sys.executable).with_name("lint-imports")
+LAYOUT_PAGE = ROOT / "docs" / "layout.md"
 
 
 def lint_imports(tree: Path) -> subprocess.CompletedProcess:
@@ -112,9 +113,9 @@ def test_every_room_says_what_it_owns_and_may_import(room):
 
 
 def layout_tree() -> dict[str, set[str]]:
-    """The README's layout block as {room: the names in its first column} ("": package modules)."""
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("\n## Layout\n"):]
+    """docs/layout.md's code block as {room: the names in its first column} ("": package modules)."""
+    text = LAYOUT_PAGE.read_text()
+    block = text[text.index("# Layout\n"):]
     block = block[block.index("```\n") + 4:]
     block = block[:block.index("```")]
     tree: dict[str, set[str]] = {"": set()}
@@ -136,16 +137,16 @@ def layout_tree() -> dict[str, set[str]]:
     return tree
 
 
-def test_the_readme_layout_names_every_room_and_module():
+def test_the_layout_page_names_every_room_and_module():
     tree = layout_tree()
     for room in ROOMS:
-        assert room in tree, f"the README's layout misses telepathy/{room}/"
+        assert room in tree, f"docs/layout.md misses telepathy/{room}/"
         for module in sorted((PACKAGE / room).glob("*.py")):
             if module.name not in ("__init__.py", "__main__.py"):
-                assert module.stem in tree[room], f"the README's layout misses {room}/{module.name}"
+                assert module.stem in tree[room], f"docs/layout.md misses {room}/{module.name}"
     for module in PACKAGE.glob("*.py"):
         if module.name not in ("__init__.py", "__main__.py"):
-            assert module.name in tree[""], f"the README's layout misses telepathy/{module.name}"
+            assert module.name in tree[""], f"docs/layout.md misses telepathy/{module.name}"
 
 
 def test_one_command_with_a_subcommand_per_room(capsys):

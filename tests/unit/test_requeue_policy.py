@@ -12,7 +12,7 @@ from telepathy.slurm.policy import (
 )
 
 NOW = parse_time("2026-11-23T02:50:55")
-# As printed by `scontrol show job -o` inside the signal handler (see README, 'who gets what').
+# As printed by `scontrol show job -o` inside the signal handler (see docs/slurm.md, 'Who gets the signal').
 SCANCEL = {"JobState": "RUNNING", "StartTime": "2026-11-23T02:50:43",
            "EndTime": "2026-11-23T02:55:43", "TimeLimit": "00:05:00", "PreemptTime": "None"}
 PREEMPTED = {"JobState": "SIGNALING", "StartTime": "2026-11-23T02:50:50",
