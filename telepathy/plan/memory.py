@@ -7,7 +7,8 @@ Per rank, with P parameters over W ranks, in bytes:
   keeps 4 + 4 + 4 + 8 = 20 P / W (DeepSpeed clones the fp32 partition as its master copy).
 - the optimizer step adds an fp32 gradient copy (4 P / W) and one fp32 temporary of torch's
   foreach AdamW (4 P / W).
-- buffers: the reduce bucket (`reduce_bucket_size`, 5e8 elements, allocated whole) and the
+- buffers: the reduce bucket (`reduce_bucket_size`, 5e8 elements, allocated whole; the engine
+  caps it at the model's size, which the host model counts and the GPU model not yet) and the
   prefetch bucket (5e7 elements), in the training dtype; the largest gathered layer.
 - activations of one micro-batch: the logits dominate small models (16-bit logits, their fp32
   upcast, softmax and gradient: 14 bytes an element in bf16, 12 in fp32); per layer, with
@@ -122,6 +123,9 @@ def zero3_memory(shape: ModelShape, world: int, micro: int, dtype_bytes: int,
     if offload == "optimizer+params":
         states = 0
     largest_gathered = max(shape.layer_parameters, shape.vocab * shape.hidden) * dtype_bytes
+    # The engine caps the bucket at the model's size (engine.build.reduce_bucket_size). On a GPU
+    # the model still counts it whole, as measured on the H100 before that cap: conservative by
+    # at most 1 GB (bf16) for models under 5e8 parameters, until measured again.
     bucket = min(REDUCE_BUCKET, shape.parameters) if host else REDUCE_BUCKET
     buffers = (bucket + PREFETCH_BUCKET) * dtype_bytes + largest_gathered
     return Memory(states, step_extra, buffers, activation_bytes(shape, micro, dtype_bytes), host)

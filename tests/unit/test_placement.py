@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from telepathy.config import load_config
-from telepathy.plan.memory import OFFLOADS, GiB, ModelShape, zero3_memory
+from telepathy.plan.memory import OFFLOADS, REDUCE_BUCKET, GiB, ModelShape, zero3_memory
 from telepathy.plan.placement import (
     Layout,
     PlanError,
@@ -164,3 +164,11 @@ def test_step_time_model_scales_with_gpus():
     four = step_time_s(SHAPES["1.1B"], 256 * 2048, 4, 989, 0.25, 0.9)
     assert one == pytest.approx(8 * 1_100_048_384 * 256 * 2048 / (989e12 * 0.25))
     assert four == pytest.approx(one / 4 / 0.81)
+
+
+def test_the_planner_and_the_engine_agree_on_the_reduce_bucket():
+    from telepathy.engine.build import DEEPSPEED_REDUCE_BUCKET, reduce_bucket_size
+
+    assert DEEPSPEED_REDUCE_BUCKET == REDUCE_BUCKET
+    assert reduce_bucket_size(123_712) == 123_712  # the tiny model: its own size, not 2 GB
+    assert reduce_bucket_size(8_000_000_000) == REDUCE_BUCKET
