@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,26 @@ def cases_of(args: argparse.Namespace, models: list[str]) -> tuple[list[tuple[st
     chosen = [args.model] if args.model else models
     worlds = [args.world] if args.world else [1, 2]
     return [(m, w) for m in chosen for w in worlds], args.repeats
+
+
+def seconds(value: float) -> float:
+    """A duration for a report: four significant digits, so that a copy of a few microseconds
+    (the smoke's tiny model) stays what it was measured, not 0.0 at a fixed number of decimals."""
+    return float(f"{value:.4g}")
+
+
+def ratios(parts: dict[str, tuple[float, float]],
+           digits: int = 3) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Each named ratio `numerator / denominator`, and what could not be measured and why: a
+    ratio whose denominator is not a positive finite number (a duration below the timer's
+    resolution) is None, with its reason in the second dict, never a division by zero or inf."""
+    out: dict[str, float | None] = {}
+    not_measured: dict[str, str] = {}
+    for name, (num, den) in parts.items():
+        if math.isfinite(num) and math.isfinite(den) and den > 0:
+            out[name] = round(num / den, digits)
+        else:
+            out[name] = None
+            not_measured[name] = (f"not measured: its denominator was {den!r} (below the timer's "
+                                  "resolution at this size; the full benchmark measures it)")
+    return out, not_measured

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import add_case_arguments, cases_of, write_report
+from bench import add_case_arguments, cases_of, ratios, seconds, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -162,14 +162,16 @@ def throughput_overhead(train_step, engine, manager, dist, every_steps: int,
     step_s = statistics.median(plain)
     extras = [max(dist.all_gather_object(total - 3 * step_s)) for total, _, _ in rounds]
     extra = statistics.median(extras)
-    return {"every_steps": every_steps, "step_s": round(step_s, 4),
-            "plain_steps_s": [round(x, 4) for x in plain],
-            "save_stall_s": [round(r[1], 4) for r in rounds],
-            "steps_during_save_s": [[round(x, 4) for x in r[2]] for r in rounds],
-            "save_extra_s_per_round": [round(x, 4) for x in extras],
-            "save_extra_s": round(extra, 4),
+    computed, not_measured = ratios({"overhead": (extra, every_steps * step_s)}, digits=4)
+    return {"every_steps": every_steps, "step_s": seconds(step_s),
+            "plain_steps_s": [seconds(x) for x in plain],
+            "save_stall_s": [seconds(r[1]) for r in rounds],
+            "steps_during_save_s": [[seconds(x) for x in r[2]] for r in rounds],
+            "save_extra_s_per_round": [seconds(x) for x in extras],
+            "save_extra_s": seconds(extra),
             # raw: below zero means a save's cost was lost in the steps' own variation
-            "overhead": round(extra / (every_steps * step_s), 4)}
+            "overhead": computed["overhead"], **({"why": not_measured["overhead"]}
+                                                 if not_measured else {})}
 
 
 ROUNDS = 3
@@ -213,10 +215,14 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, (op, bound) in TARGETS.items():
         value = q[key]
+        if value is None:  # a ratio without a denominator: neither met nor missed
+            out[key] = {"value": None, "target": f"{op} {bound}", "met": None,
+                        "why": result["not_measured"][key]}
+            continue
         met = value >= bound if op == ">=" else value <= bound
         out[key] = {"value": value, "target": f"{op} {bound}", "met": met,
                     **({} if met else {"why": why[key]})}
-    if q["checkpoint_overhead_on_throughput"] < 0:
+    if (q["checkpoint_overhead_on_throughput"] or 0) < 0:
         out["checkpoint_overhead_on_throughput"]["note"] = (
             "below zero: steps during a save ran as fast as plain steps, the save's cost is "
             "within the steps' own variation")
@@ -378,39 +384,39 @@ def worker(args: argparse.Namespace) -> None:
                   "throughput": overhead,
                   "parameters": sum(getattr(p, "ds_numel", p.numel())
                                     for p in engine.module.parameters()),
-                  "repeats": args.repeats, "seconds": {k: round(v, 4) for k, v in med.items()}}
+                  "repeats": args.repeats, "seconds": {k: seconds(v) for k, v in med.items()}}
         gbps = lambda s: round(total / 1e9 / s, 3) if s > 0 else None  # noqa: E731
         result["GB_per_s"] = {k: gbps(med[k]) for k in (
             "disk_write_fsync_s", "disk_read_s", "torch_save_s", "deepspeed_save_s",
             "telepathy_sync_save_s", "telepathy_async_total_s")}
-        result["ratios"] = {
+        result["ratios"], result["not_measured"] = ratios({
             # the raw write and the save until durable, one right after the other: median of pairs
-            "telepathy_save_vs_disk_limit": round(statistics.median(pairs), 3),
-            "telepathy_save_vs_disk_limit_whole_call": round(med["disk_write_fsync_s"]
-                                                             / med["telepathy_sync_save_s"], 3),
-            "async_stall_vs_sync_save": round(med["telepathy_async_stall_s"]
-                                              / med["telepathy_sync_save_s"], 3),
-            "verified_vs_unverified_load": round((med["telepathy_verify_s"] + med["telepathy_load_s"])
-                                                 / med["deepspeed_load_s"], 3),
-            "telepathy_sync_save_vs_deepspeed_save": round(med["telepathy_sync_save_s"]
-                                                           / med["deepspeed_save_s"], 3),
-            "telepathy_sync_save_vs_deepspeed_save_plus_fsync": round(
-                med["telepathy_sync_save_s"] / (med["deepspeed_save_s"]
-                                                + med["deepspeed_fsync_after_save_s"]), 3),
-            "async_stall_vs_deepspeed_save": round(med["telepathy_async_stall_s"]
-                                                   / med["deepspeed_save_s"], 3),
-            "telepathy_sync_save_vs_torch_save": round(med["telepathy_sync_save_s"]
-                                                       / med["torch_save_s"], 3),
-            "async_stall_vs_memcpy": round(med["telepathy_async_stall_s"]
-                                           / med["memcpy_mapped_s"], 3),
+            "telepathy_save_vs_disk_limit": (statistics.median(pairs), 1.0),
+            "telepathy_save_vs_disk_limit_whole_call": (med["disk_write_fsync_s"],
+                                                        med["telepathy_sync_save_s"]),
+            "async_stall_vs_sync_save": (med["telepathy_async_stall_s"],
+                                         med["telepathy_sync_save_s"]),
+            "verified_vs_unverified_load": (med["telepathy_verify_s"] + med["telepathy_load_s"],
+                                            med["deepspeed_load_s"]),
+            "telepathy_sync_save_vs_deepspeed_save": (med["telepathy_sync_save_s"],
+                                                      med["deepspeed_save_s"]),
+            "telepathy_sync_save_vs_deepspeed_save_plus_fsync": (
+                med["telepathy_sync_save_s"],
+                med["deepspeed_save_s"] + med["deepspeed_fsync_after_save_s"]),
+            "async_stall_vs_deepspeed_save": (med["telepathy_async_stall_s"],
+                                              med["deepspeed_save_s"]),
+            "telepathy_sync_save_vs_torch_save": (med["telepathy_sync_save_s"],
+                                                  med["torch_save_s"]),
+            "async_stall_vs_memcpy": (med["telepathy_async_stall_s"], med["memcpy_mapped_s"]),
             # the copy part of the stall alone (the rest is DeepSpeed's own save protocol)
-            "async_copy_vs_memcpy": round(med["telepathy_async_copy_s"]
-                                          / med["memcpy_mapped_s"], 3),
-            "async_save_rss_extra_vs_rank_bytes": round(rss_extra / max(mine, 1), 3),
-            "sync_save_rss_extra_vs_rank_bytes": round(sync_rss_extra / max(mine, 1), 3),
-            "snapshot_buffers_vs_rank_bytes": round(pool_bytes / max(mine, 1), 3),
-            "checkpoint_overhead_on_throughput": overhead["overhead"],
-        }
+            "async_copy_vs_memcpy": (med["telepathy_async_copy_s"], med["memcpy_mapped_s"]),
+            "async_save_rss_extra_vs_rank_bytes": (rss_extra, max(mine, 1)),
+            "sync_save_rss_extra_vs_rank_bytes": (sync_rss_extra, max(mine, 1)),
+            "snapshot_buffers_vs_rank_bytes": (pool_bytes, max(mine, 1)),
+        })
+        result["ratios"]["checkpoint_overhead_on_throughput"] = overhead["overhead"]
+        if overhead["overhead"] is None:
+            result["not_measured"]["checkpoint_overhead_on_throughput"] = overhead["why"]
         result["targets"] = targets(result)
         Path(args.result).write_text(json.dumps(result))
     import torch.distributed
