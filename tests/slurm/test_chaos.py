@@ -15,13 +15,15 @@ from tests.support import RNG
 pytestmark = pytest.mark.slurm
 
 KINDS = ("rank_kill", "rank_hang", "node_fail", "save_kill")
+HANG_TIMEOUT_S = 20  # the config's floor is 10; the soak (bench/chaos.py) keeps the harness's 45
 
 
 def test_a_short_seeded_chaos_run_recovers_every_fault_exactly(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))  # the harness uses this cluster
     seed = RNG.randrange(1000)
     harness = Harness(Options(support.CONFIG, faults=len(KINDS), seed=seed, kinds=KINDS, gpus=2,
-                              workdir=tmp_path / "chaos"))
+                              workdir=tmp_path / "chaos",
+                              sets=(f"train.hang_timeout_s={HANG_TIMEOUT_S}",)))
     result = harness.run()
     s = result.summary
     logs = (tmp_path / "chaos" / "chaos.err").read_text(errors="replace")
@@ -32,22 +34,24 @@ def test_a_short_seeded_chaos_run_recovers_every_fault_exactly(cluster, tmp_path
     assert s["resumable_always"] and s["resumable_samples"] > 10, why
     faults = {f.kind: f for f in result.faults}
     assert sorted(faults) == sorted(KINDS), why
-    # 1. One rank SIGKILLed: srun stops the other, the job requeues; trained again within 2 min.
-    assert faults["rank_kill"].detect_s < 15 and faults["rank_kill"].recover_s < 120, why
-    assert "crashed with exit" in faults["rank_kill"].requeue_cause, why
-    # 2. One rank stopped: the other's watchdog (train.hang_timeout_s=45) ends the allocation.
-    # (idle is counted from the last step before the SIGSTOP, so detection may come a little
-    # under 45 s after it: seen 44.98)
-    hang = faults["rank_hang"]
-    assert 40 <= hang.detect_s < 60 and hang.recover_s < 45 + 120, why
-    assert hang.requeue_cause.startswith("hung (exit 124"), why
     events = list(read_jsonl(tmp_path / "chaos" / "run" / "events.jsonl"))
+    hangs = [e for e in events if e["event"] == "hang"]
+    # 1. One rank SIGKILLed: srun stops the other (no watchdog needed), the job requeues.
+    # Only the stopped rank's allocation has hang events: no other fault waited for a watchdog.
+    kill = faults["rank_kill"]
+    assert kill.recovered and "crashed with exit" in kill.requeue_cause, why
+    assert len({e["restart"] for e in hangs}) == 1, why
+    # 2. One rank stopped: the other's watchdog ends the allocation (exit 124, requeued), having
+    # waited its whole timeout without progress.
+    hang = faults["rank_hang"]
+    assert hang.recovered and hang.requeue_cause.startswith("hung (exit 124"), why
     # The rank still running noticed (the stopped one, continued by srun's kill, may say so too).
-    assert [e for e in events if e["event"] == "hang" and e["rank"] != hang.rank], why
+    noticed = [e for e in hangs if e["rank"] != hang.rank]
+    assert noticed and all(e["idle_s"] >= e["allowance_s"] >= HANG_TIMEOUT_S for e in noticed), why
     # its stacks in the job log
     assert "most recent call first" in logs and "HANG: rank" in logs, why
     # 3. The node failed (slurmd and the job's processes killed), came back, the job resumed.
-    assert faults["node_fail"].recovered and faults["node_fail"].recover_s < 180, why
+    assert faults["node_fail"].recovered, why
     # 4. A SIGKILL inside a save: the previous checkpoint is the one resumed from.
     kill = faults["save_kill"]
     assert kill.resumed_from < kill.step, why
