@@ -1,6 +1,7 @@
 """tail and report on real run directories, the live view in a real terminal, the monitor."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def tmux(*args):
 
 @pytest.fixture
 def pane(tmp_path):
-    name = f"t-{tmp_path.name}"
+    name = f"t-{os.getpid()}-{tmp_path.name}"  # one tmux server for every worker
 
     def start(command):
         # The command's exit status is printed into the pane, which then stays open to be read.
