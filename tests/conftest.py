@@ -81,6 +81,26 @@ def reference(reference_run):
 
 
 @pytest.fixture(scope="session")
+def base_model(tmp_path_factory, worker_id):
+    """A tiny pretrained model directory per architecture (gpt2, llama), saved once per session
+    and shared by the xdist workers. Tests that change one copy it first."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+
+    def get(arch: str) -> Path:
+        out = root / f"base-{arch}"
+        with FileLock(str(root / f"base-{arch}.lock")):
+            if not (out / "model.safetensors").exists():
+                support.save_base(out, arch)
+        return out
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def preempted_run(tmp_path_factory):
     """A world-size-1 run stopped by SIGTERM after step 45: checkpoints 20, 40 and ~46."""
     run_dir = tmp_path_factory.mktemp("preempted") / "run"

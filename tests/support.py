@@ -22,6 +22,7 @@ from telepathy.slurm import scontrol
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
+LORA_CONFIG = str(ROOT / "configs" / "tiny-lora-cpu.yaml")
 # Short runs for tests: 60 steps, a checkpoint every 20.
 SETS = ["train.steps=60", "checkpoint.every_steps=20", "train.log_every=20"]
 TIMEOUT_S = 300
@@ -31,22 +32,24 @@ print(f"TELEPATHY_TEST_SEED={_seed}", file=sys.stderr)
 RNG = random.Random(_seed)
 
 
-def command(run_dir: Path, world: int = 1, sets: list[str] = (), extra: list[str] = ()) -> list[str]:
+def command(run_dir: Path, world: int = 1, sets: list[str] = (), extra: list[str] = (),
+            config: str = CONFIG) -> list[str]:
     launcher = [sys.executable, "-m", "telepathy.resume"]
     if world > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={world}", "-m", "telepathy.resume"]
-    cmd = launcher + ["--config", CONFIG, "--run-dir", str(run_dir)]
+    cmd = launcher + ["--config", config, "--run-dir", str(run_dir)]
     for s in [*SETS, *sets]:
         cmd += ["--set", s]
     return cmd + list(extra)
 
 
 def start(run_dir: Path, world: int = 1, sets: list[str] = (), env: dict | None = None,
-          extra: list[str] = ()) -> subprocess.Popen:
+          extra: list[str] = (), config: str = CONFIG) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
-    return subprocess.Popen(command(run_dir, world, sets, extra), stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(command(run_dir, world, sets, extra, config), stdout=log,
+                            stderr=subprocess.STDOUT,
                             cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
 
 
@@ -59,19 +62,19 @@ def finish(proc: subprocess.Popen) -> int:
 
 
 def run(run_dir: Path, world: int = 1, sets: list[str] = (), env: dict | None = None,
-        extra: list[str] = ()) -> int:
-    return finish(start(run_dir, world, sets, env, extra))
+        extra: list[str] = (), config: str = CONFIG) -> int:
+    return finish(start(run_dir, world, sets, env, extra, config))
 
 
 def interrupt(run_dir: Path, after_step: int, world: int = 1, sets: list[str] = (),
-              env: dict | None = None) -> tuple[int, int]:
+              env: dict | None = None, config: str = CONFIG) -> tuple[int, int]:
     """Start (or resume) a run, send SIGTERM once it logged `after_step`; return (rc, step seen).
 
     The step waited for is one this process logs itself (past any step already in the file).
     """
     logged = [r["step"] for r in metrics(run_dir)] if run_dir.exists() else []
     after_step = max([after_step, *(s + 1 for s in logged)])
-    proc = start(run_dir, world, sets, env)
+    proc = start(run_dir, world, sets, env, config=config)
     seen = wait_for_step(RunPaths.at(run_dir).metrics, after_step, TIMEOUT_S,
                          lambda: proc.poll() is None)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
@@ -92,6 +95,44 @@ def events(run_dir: Path, name: str | None = None) -> list[dict]:
 
 def log_text(run_dir: Path) -> str:
     return (run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")
+
+
+# -- fine-tuning: small pretrained models saved locally, LoRA runs --------------------------------
+LORA_SETS = ["train.steps=24", "train.warmup_steps=4", "checkpoint.every_steps=6",
+             "train.log_every=6"]
+PACED = {"TELEPATHY_FAULT": "step.start@*,sleep=0.1"}
+"""Every step sleeps 0.1 s (outside the maths): a signal sent after step N arrives before the
+24-step run ends on any machine."""
+
+
+def save_base(out: Path, arch: str) -> Path:
+    """A tiny pretrained model saved with `save_pretrained`, as a user's local directory would
+    hold one: GPT-2 (tied embeddings, its default dropout 0.1) or Llama (grouped-query
+    attention, untied); vocabulary 256, 128 positions."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
+                            bos_token_id=0, eos_token_id=0)
+    else:
+        config = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def lora_sets(base: Path, *more: str) -> list[str]:
+    return [*LORA_SETS, f"model.pretrained_path={base}", *more]
+
+
+def consolidated(ckpt: Path) -> dict:
+    """DeepSpeed's own zero_to_fp32 consolidation of a checkpoint directory (not telepathy's)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
 # -- what a checkpoint holds, and damaging it ------------------------------------------------------
@@ -159,12 +200,12 @@ class Job:
     """A telepathy job on the local SLURM cluster, submitted with slurm/preemptible.slurm."""
 
     def __init__(self, cluster, tmp_path, sets=(), gpus=1, sbatch_args=(), env=None, name="run",
-                 run_dir=None, job_id=None):
+                 run_dir=None, job_id=None, config=CONFIG):
         """Submit a job, or (with `job_id`) follow one submitted otherwise with these files."""
         self.cluster = cluster
         self.run_dir = run_dir or tmp_path / name
         self.config = tmp_path / f"{name}.yaml"
-        cfg = load_config(CONFIG, [*SETS, *sets])
+        cfg = load_config(config, [*SETS, *sets])
         self.config.write_text(yaml.safe_dump(cfg.to_dict()))
         self.env = {**cluster.env(), "TELEPATHY_CONFIG": str(self.config),
                     "TELEPATHY_RUN_DIR": str(self.run_dir), **(env or {})}

@@ -103,6 +103,9 @@ class CheckpointManager:
         self._pinned = PinnedPool()
         self._preloaded: dict[str, VerifiedFile] = {}
         """Files read and verified by newest_valid, by real path, until `load` deserialises them."""
+        self.exclude_frozen = False
+        """Leave frozen parameters out of checkpoints (their values come from the base model,
+        model.pretrained_path, whose files the run verifies at every start)."""
         self.loaded_from_memory = 0
         """Files DeepSpeed loaded from what verification read (not read a second time)."""
         self._saving: Path | None = None
@@ -166,7 +169,8 @@ class CheckpointManager:
         self.writer.copy_s = 0.0
         try:
             engine.save_checkpoint(str(self.paths.checkpoints), tag=name, client_state={},
-                                   save_latest=False)
+                                   save_latest=False,
+                                   exclude_frozen_parameters=self.exclude_frozen)
         finally:
             self._saving = None
             self._in_place = False
@@ -368,7 +372,8 @@ class CheckpointManager:
         try:
             load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name,
                                                   load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True,
+                                                  load_module_strict=not self.exclude_frozen)
         finally:
             self._preloaded.clear()  # whatever DeepSpeed did not ask for
         if load_path is None:

@@ -12,7 +12,11 @@ from ..core import exits
 from ..core.errors import ConfigError
 
 SIGNAL_NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGCONT")
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox")
+"""`model_type`s a model is built from scratch for (`model.arch`); a pretrained model
+(`model.pretrained_path`) may be any causal LM transformers loads."""
+SHARED_KV_ARCHS = ("gpt2", "gpt_neox")
+"""Archs without grouped-query attention: num_kv_heads must equal num_heads."""
 DTYPES = ("auto", "float32", "bfloat16")
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 
@@ -23,11 +27,40 @@ def _require(ok: bool, key: str, value: Any, fix: str) -> None:
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """Rank of the LoRA adapters (peft); 0 turns LoRA off and the model trains as it is."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapters' update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (its random state is saved and resumed like any other)."""
+    target_modules: list[str] | None = None
+    """Module names (or name suffixes, as peft matches them) that get adapters; None: the
+    architecture's attention projections (q, k, v and output)."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 0, "model.lora.r", self.r, "must be >= 0 (0 turns LoRA off)")
+        _require(self.alpha > 0, "model.lora.alpha", self.alpha, "must be > 0")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", self.dropout, "must lie in [0, 1)")
+        _require(self.target_modules is None or len(self.target_modules) >= 1,
+                 "model.lora.target_modules", self.target_modules,
+                 "name at least one module (e.g. [q_proj, v_proj]) or leave it null")
+
+
+@dataclass
 class ModelConfig:
     arch: str = "llama"
-    """transformers model_type of a Llama-family causal LM: llama, mistral or qwen2."""
+    """transformers model_type of a model built from scratch from the fields below: llama,
+    mistral, qwen2, qwen3, gemma2, phi3, gpt2 or gpt_neox. Ignored with pretrained_path."""
     pretrained_path: str | None = None
-    """Local directory with config.json and safetensors weights; None builds from the fields below."""
+    """Local directory of any causal LM `AutoModelForCausalLM.from_pretrained` loads (config.json
+    and safetensors weights); None builds from the fields below."""
+    trainable: list[str] | None = None
+    """Globs over the parameter names (`named_parameters()` of the model, before LoRA wraps
+    it, e.g. `model.layers.*.mlp.*`); the rest is frozen. None: every parameter trains (with
+    LoRA: only the adapters, and the parameters these globs name)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters through peft (r > 0 turns them on; the base is then frozen)."""
     hidden_size: int = 64
     """Width of the residual stream."""
     intermediate_size: int = 172
@@ -50,7 +83,9 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        _require(self.arch in ARCHS, "model.arch", self.arch, f"use one of {', '.join(ARCHS)}")
+        _require(self.arch in ARCHS, "model.arch", self.arch,
+                 f"telepathy builds {', '.join(ARCHS)} from scratch; for any other causal LM "
+                 "set model.pretrained_path to a local directory of it")
         _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "vocab_size", "max_seq_len"):
@@ -60,6 +95,13 @@ class ModelConfig:
                  f"must be divisible by model.num_heads={self.num_heads}")
         _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", self.num_kv_heads,
                  f"must divide model.num_heads={self.num_heads}")
+        if self.pretrained_path is None and self.arch in SHARED_KV_ARCHS:
+            _require(self.num_kv_heads == self.num_heads, "model.num_kv_heads", self.num_kv_heads,
+                     f"{self.arch} has no grouped-query attention: set it to model.num_heads="
+                     f"{self.num_heads}")
+        _require(self.trainable is None or len(self.trainable) >= 1, "model.trainable",
+                 self.trainable, "give at least one glob (e.g. ['lm_head.*']) or null to train "
+                 "every parameter")
 
 
 @dataclass
@@ -289,8 +331,9 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
-        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
-                 f"must be <= model.max_seq_len={self.model.max_seq_len}")
+        if self.model.pretrained_path is None:  # else: checked against its config.json
+            _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                     self.data.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .schema import Config
+
 # Fields whose change alters the training trajectory: resuming across such a change is refused.
 TRAJECTORY_KEYS = (
     "model.*",
@@ -25,8 +27,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def trajectory_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Describe each change between two config dicts that would break an exact resume."""
-    old, new = _flatten(saved), _flatten(current)
+    """Describe each change between two config dicts that would break an exact resume. A key
+    the saved config lacks (written before the key existed) counts as its default."""
+    old = {**_flatten(Config().to_dict()), **_flatten(saved)}
+    new = _flatten(current)
     changes = []
     for key in sorted(set(old) | set(new)):
         section, _, _ = key.partition(".")

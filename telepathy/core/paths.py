@@ -63,6 +63,12 @@ class RunPaths:
         return self.root / "plan-carry.json"
 
     @property
+    def base_model(self) -> Path:
+        """Checksums of the files of model.pretrained_path, recorded at the run's first start
+        (JSON): a fine-tuning run's checkpoints leave its frozen base out."""
+        return self.root / "base-model.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / "run.lock"
 

@@ -203,12 +203,18 @@ def drop_partial_step(engine: Any, counters: tuple[int, int], micro_batch: int,
 
 # -- the full optimizer state, for tests ---------------------------------------------------------
 def full_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Collective under ZeRO-3: every parameter's full fp32 weight and Adam moments, and the
-    optimizer's group hyperparameters and Adam steps as metadata."""
+    """Collective under ZeRO-3: every trained parameter's full fp32 weight and Adam moments,
+    every frozen one's weight (`<name>/frozen`, in the training dtype), and the optimizer's
+    group hyperparameters and Adam steps as metadata."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     tensors = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                tensors[f"{name}/frozen"] = param.data.detach().clone()
+            continue
         tensors[f"{name}/fp32"] = safe_get_full_fp32_param(param)
         for key in ("exp_avg", "exp_avg_sq"):
             tensors[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from ..config import Config
-from . import adapter
+from . import adapter, finetune
 from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -80,16 +80,24 @@ def reduce_bucket_size(parameters: int) -> int:
 
 
 def model_config(cfg: Config, dtype: torch.dtype):
-    """The transformers config of the model the fields of `model` describe."""
+    """The transformers config of the model the fields of `model` describe (`model.arch`, any
+    of schema.ARCHS), without dropout, with untied embeddings."""
     from transformers import AutoConfig
 
     m = cfg.model
-    return AutoConfig.for_model(
-        m.arch, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, tie_word_embeddings=False,
-        attention_dropout=0.0, use_cache=False, dtype=dtype)
+    fields = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+                  intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+                  num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                  head_dim=m.hidden_size // m.num_heads, max_position_embeddings=m.max_seq_len,
+                  rope_theta=m.rope_theta, tie_word_embeddings=False, attention_dropout=0.0,
+                  use_cache=False, dtype=dtype, pad_token_id=None,
+                  bos_token_id=None, eos_token_id=None)
+    if m.arch == "gpt2":  # its own names for the MLP width and the dropouts
+        fields.update(n_inner=m.intermediate_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0)
+    if m.arch == "gpt_neox":
+        fields.update(hidden_dropout=0.0, rotary_pct=1.0)
+    return AutoConfig.for_model(m.arch, **fields)
 
 
 def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
@@ -111,14 +119,18 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    model = finetune.prepare(model, cfg)
+    if cfg.model.gradient_checkpointing and finetune.fine_tuning(cfg):
+        model.enable_input_require_grads()  # a frozen embedding: recompute still needs a grad path
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
     conf["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size(
-        sum(adapter.full_shape(p).numel() for p in model.parameters()))
+        sum(adapter.full_shape(p).numel() for p in trainable))
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in trainable:
         (decay if len(adapter.full_shape(p)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.train.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                   eps=cfg.train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
@@ -131,3 +143,11 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
 
 def count_parameters(engine) -> int:
     return sum(adapter.numel(p) for p in engine.module.parameters())
+
+
+def count_trainable(engine) -> int:
+    return sum(adapter.numel(p) for p in engine.module.parameters() if p.requires_grad)
+
+
+def has_frozen(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())

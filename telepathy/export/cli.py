@@ -3,6 +3,8 @@ Hugging Face model directory that `AutoModelForCausalLM.from_pretrained(DIR)` lo
 
     telepathy export runs/llama --out models/llama            # newest verified checkpoint
     telepathy export runs/llama --out models/llama-4k --step 4000 --dtype bfloat16
+    telepathy export runs/lora --out models/lora-merged         # LoRA merged into the base
+    telepathy export runs/lora --out models/lora --adapter      # the adapter, as peft saves it
 
 Exit status: 0 exported, 2 bad input (no valid checkpoint, --out exists, a bad --step), 1 crash.
 """
@@ -31,13 +33,17 @@ def main(argv: list[str] | None = None) -> int:
                                             "that verifies)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write the adapter as peft saves it (adapter_config.json, "
+                        "adapter_model.safetensors; PeftModel.from_pretrained on the base loads "
+                        "it) instead of the merged model")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     args = p.parse_args(argv)
     try:
         shard_bytes = parse_size(args.shard_size)
         from .hf import as_dict, export  # torch and transformers: after the arguments are checked
 
-        result = export(args.run_dir, args.out, args.step, args.dtype, shard_bytes)
+        result = export(args.run_dir, args.out, args.step, args.dtype, shard_bytes, args.adapter)
     except (TelepathyError, ValueError) as exc:
         log.error("%s", exc)
         return exits.BAD_INPUT

@@ -32,7 +32,7 @@ from ..config import config_from_dict
 from ..core.errors import CheckpointError, TelepathyError
 from ..core.fsutil import fsync_dir
 from ..core.paths import RunPaths
-from ..engine import adapter
+from ..engine import adapter, finetune
 from ..engine.build import model_config
 from .shards import INDEX, plan_shards, shard_names
 
@@ -143,7 +143,7 @@ def _check_out(out: Path, paths: RunPaths) -> None:
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "float32",
-           shard_bytes: int = 5 * 10**9) -> Exported:
+           shard_bytes: int = 5 * 10**9, adapter_only: bool = False) -> Exported:
     started = time.time()
     adapter.use_cpu_accelerator(override=False)  # consolidation runs on the CPU, login nodes too
     paths = RunPaths.at(run_dir)
@@ -159,10 +159,19 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
         state = json.loads((ckpt / STATE).read_text())
         manifest_sha = (ckpt / MANIFEST).read_bytes()
         tmp.mkdir(parents=True)
-        result = _write(tmp, ckpt, state, DTYPES[dtype], shard_bytes, paths.tokenizer)
+        cfg = config_from_dict(state["config"])
+        if adapter_only and cfg.model.lora.r == 0:
+            raise TelepathyError(f"--adapter: run {paths.root} trains no LoRA adapter "
+                                 "(model.lora.r is 0); export it without --adapter")
+        if finetune.fine_tuning(cfg):
+            result = _write_finetuned(tmp, ckpt, state, DTYPES[dtype], shard_bytes,
+                                      paths.tokenizer, adapter_only)
+        else:
+            result = _write(tmp, ckpt, state, DTYPES[dtype], shard_bytes, paths.tokenizer)
         (tmp / PROVENANCE).write_text(json.dumps({
             "run_dir": str(paths.root), "checkpoint": ckpt.name, "step": state["step"],
-            "world_size": state["world_size"], "dtype": dtype, "telepathy_version": __version__,
+            "world_size": state["world_size"], "dtype": dtype, "adapter": adapter_only,
+            "telepathy_version": __version__,
             "manifest_sha256": hashlib.sha256(manifest_sha).hexdigest(),
             "created": time.time()}, indent=1) + "\n")
         for f in tmp.iterdir():
@@ -225,6 +234,63 @@ def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype, sha
                                              "weight_map": weight_map}, indent=2) + "\n")
         files.append(INDEX)
     return files, len(sizes), total
+
+
+def _write_finetuned(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype,
+                     shard_bytes: int, tokenizer: Path, adapter_only: bool
+                     ) -> tuple[list[str], int, int]:
+    """A run with a frozen part: the base (model.pretrained_path, verified against the run's
+    record; or, built from scratch, the frozen weights the checkpoint holds) with the trained
+    weights of the checkpoint (DeepSpeed's zero_to_fp32) loaded into it, LoRA added as the run
+    added it. Written merged (peft's merge_and_unload: a plain transformers model), or with
+    `adapter_only` the adapter as peft saves it. Holds the whole model in memory, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_from_dict(state["config"])
+    run = ckpt.parent.parent
+    if cfg.model.pretrained_path:
+        from ..checkpoint import basemodel as base
+        from ..core.paths import RunPaths
+
+        try:
+            base.check(cfg, RunPaths.at(run))
+        except TelepathyError as exc:
+            raise TelepathyError(f"cannot export: {exc}") from None
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained_path,
+                                                     dtype=torch.float32, local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_config(model_config(cfg, torch.float32))
+    model = finetune.prepare(model, cfg)
+    trained = {n: adapter.materialize(w) for n, w in adapter.fp32_weights(ckpt, lazy=True).items()}
+    names = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(names) - set(dict(model.named_buffers())))
+    untrained = sorted(n for n, p in names.items() if p.requires_grad and n not in trained)
+    if unknown or untrained:
+        raise CheckpointError(f"checkpoint {ckpt.name} does not fit the run's model: "
+                              f"{len(unknown)} unknown tensors ({', '.join(unknown[:3])}), "
+                              f"{len(untrained)} trained parameters missing "
+                              f"({', '.join(untrained[:3])})")
+    model.load_state_dict(trained, strict=False)
+    config = hf_config(state, dtype, tokenizer)
+    if adapter_only:
+        model.save_pretrained(tmp, safe_serialization=True)
+        files = sorted(p.name for p in tmp.iterdir())
+        return files, len(trained), sum(t.numel() * t.element_size() for t in trained.values())
+    if cfg.model.lora.r > 0:
+        model = model.merge_and_unload()
+    model = model.to(dtype)
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(config, key, None) is not None:
+            setattr(model.config, key, getattr(config, key))
+    model.config.use_cache = True
+    model.save_pretrained(tmp, max_shard_size=shard_bytes, safe_serialization=True)
+    ours = {p.name for p in tmp.iterdir()}
+    for f in sorted(tokenizer.glob("*")) if tokenizer.is_dir() else []:
+        if f.is_file() and not f.name.startswith(".") and f.name not in ours:
+            shutil.copyfile(f, tmp / f.name)
+    state_dict = model.state_dict()
+    return (sorted(p.name for p in tmp.iterdir()), len(state_dict),
+            sum(t.numel() * t.element_size() for t in state_dict.values()))
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,6 +37,7 @@ from ..core.resources import job_script
 from ..slurm import scontrol
 from ..slurm.jobspec import sbatch_args
 from .gpucount import Option, measured_step_times, parse_test_only, recommend, step_time
+from .model import model_shape
 from .placement import MAX_GPUS, PlanError, plan, request_for
 
 log = logging.getLogger("telepathy.plan")
@@ -72,8 +73,9 @@ def wait_for(cfg: Config, gpus: int, script: str, extra: list[str], env: dict[st
 def options(cfg: Config, run_dir: Path | None, gpu_mem_gib: float) -> list[Option]:
     measured = measured_step_times(read_jsonl(RunPaths.at(run_dir).metrics)) if run_dir else {}
     out = []
+    shape = model_shape(cfg, count=True)
     for gpus in range(1, MAX_GPUS + 1):
-        req = request_for(cfg, gpus, gpu_mem_gib)
+        req = request_for(cfg, gpus, gpu_mem_gib, shape)
         try:
             p = plan(req)
         except PlanError as exc:

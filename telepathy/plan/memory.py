@@ -1,12 +1,15 @@
 """A memory model of DeepSpeed ZeRO-3 training for Llama-family models. Pure arithmetic.
 
-Per rank, with P parameters over W ranks, in bytes:
+Per rank, with P parameters over W ranks, in bytes (T of the P train; the frozen rest keep
+only their 16-bit weights, dtype bytes each, and no gradient or optimizer state):
 
 - persistent model states, sharded: bf16 training keeps 16-bit parameters (2), 16-bit gradient
   partitions (2), fp32 master weights (4) and Adam's two moments (8): 16 P / W. fp32 training
   keeps 4 + 4 + 4 + 8 = 20 P / W (DeepSpeed clones the fp32 partition as its master copy).
-- the optimizer step adds an fp32 gradient copy (4 P / W) and one fp32 temporary of torch's
-  foreach AdamW (4 P / W).
+- with T < P: dtype bytes for every weight, then gradient, master weights and moments for the
+  T trained: (2 P + 14 T) / W in bf16.
+- the optimizer step adds an fp32 gradient copy (4 T / W) and one fp32 temporary of torch's
+  foreach AdamW (4 T / W).
 - buffers: the reduce bucket (`reduce_bucket_size`, 5e8 elements, allocated whole; the engine
   caps it at the model's size, which the host model counts and the GPU model not yet) and the
   prefetch bucket (5e7 elements), in the training dtype; the largest gathered layer.
@@ -47,6 +50,11 @@ class ModelShape:
     seq_len: int
     gradient_checkpointing: bool = False
     tied_embeddings: bool = False
+    total: int | None = None
+    """Parameters of the model as counted from its own config (None: the Llama formula)."""
+    trainable: int | None = None
+    """Parameters that train (None: all); the rest are frozen: 16-bit weights, no gradient,
+    no optimizer state."""
 
     @property
     def kv_dim(self) -> int:
@@ -59,8 +67,14 @@ class ModelShape:
 
     @property
     def parameters(self) -> int:
+        if self.total is not None:
+            return self.total
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return embeddings + self.layers * self.layer_parameters + self.hidden
+
+    @property
+    def trained(self) -> int:
+        return self.parameters if self.trainable is None else self.trainable
 
 
 @dataclass(frozen=True)
@@ -111,12 +125,11 @@ def zero3_memory(shape: ModelShape, world: int, micro: int, dtype_bytes: int,
     if offload not in OFFLOADS:
         raise ValueError(f"offload={offload!r}: use one of {', '.join(OFFLOADS)}")
     shard = -(-shape.parameters // world)
-    master_and_moments = 12 * shard
-    step_extra = 8 * shard
-    if dtype_bytes == 2:
-        states = (2 + 2) * shard + master_and_moments
-    else:
-        states = (4 + 4) * shard + master_and_moments
+    trained = -(-shape.trained // world)
+    master_and_moments = 12 * trained
+    step_extra = 8 * trained
+    # Weights of every parameter; a gradient partition for the trained ones only.
+    states = dtype_bytes * shard + dtype_bytes * trained + master_and_moments
     if offload != "none":
         states -= master_and_moments
         step_extra = 0
@@ -126,6 +139,6 @@ def zero3_memory(shape: ModelShape, world: int, micro: int, dtype_bytes: int,
     # The engine caps the bucket at the model's size (engine.build.reduce_bucket_size). On a GPU
     # the model still counts it whole, as measured on the H100 before that cap: conservative by
     # at most 1 GB (bf16) for models under 5e8 parameters, until measured again.
-    bucket = min(REDUCE_BUCKET, shape.parameters) if host else REDUCE_BUCKET
+    bucket = min(REDUCE_BUCKET, shape.trained) if host else REDUCE_BUCKET
     buffers = (bucket + PREFETCH_BUCKET) * dtype_bytes + largest_gathered
     return Memory(states, step_extra, buffers, activation_bytes(shape, micro, dtype_bytes), host)

@@ -139,22 +139,43 @@ def smaller(layout: Layout, micro_sizes: tuple[int, ...] | list[int]) -> Layout 
     return None
 
 
-def request_for(cfg: Config, gpus: int, gpu_mem_gib: float | None,
-                hf_config: dict | None = None) -> PlanRequest:
-    """The planner's input for a run config on `gpus` ranks; `gpu_mem_gib` None: on CPU.
-
-    `hf_config` is the config.json of `model.pretrained_path`, whose shape overrides the fields.
-    """
+def shape_of(cfg: Config, hf_config: dict | None = None, total: int | None = None,
+             trainable: int | None = None) -> ModelShape:
+    """What the memory model needs of the run's model: from the config.json of
+    `model.pretrained_path` (`hf_config`, any causal LM: Llama's names or GPT-2's) or from the
+    model fields; `total`/`trainable` as counted from the model itself (None: the formula)."""
     m = cfg.model
-    if hf_config:
-        shape = ModelShape(hf_config["num_hidden_layers"], hf_config["hidden_size"],
-                           hf_config["intermediate_size"], hf_config["num_attention_heads"],
-                           hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
-                           hf_config["vocab_size"], cfg.data.seq_len, m.gradient_checkpointing,
-                           bool(hf_config.get("tie_word_embeddings", False)))
-    else:
-        shape = ModelShape(m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads,
-                           m.num_kv_heads, m.vocab_size, cfg.data.seq_len, m.gradient_checkpointing)
+    if hf_config is None:
+        return ModelShape(m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads,
+                          m.num_kv_heads, m.vocab_size, cfg.data.seq_len, m.gradient_checkpointing,
+                          False, total, trainable)
+    text = hf_config.get("text_config") or hf_config
+
+    def first(*names, default=None):
+        for name in names:
+            if text.get(name) is not None:
+                return text[name]
+        if default is None:
+            raise ConfigError(f"model.pretrained_path={m.pretrained_path!r}: its config.json has "
+                              f"none of {', '.join(names)}; is it a causal language model?")
+        return default
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    return ModelShape(first("num_hidden_layers", "n_layer", "num_layers"), hidden,
+                      first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden), heads,
+                      first("num_key_value_heads", "multi_query_group_num", default=heads),
+                      first("vocab_size", "padded_vocab_size"), cfg.data.seq_len,
+                      m.gradient_checkpointing, bool(text.get("tie_word_embeddings", False)),
+                      total, trainable)
+
+
+def request_for(cfg: Config, gpus: int, gpu_mem_gib: float | None,
+                shape: ModelShape | None = None) -> PlanRequest:
+    """The planner's input for a run config on `gpus` ranks; `gpu_mem_gib` None: on CPU.
+    `shape`: the model's (shape_of), default from the model fields."""
+    m = cfg.model
+    shape = shape or shape_of(cfg)
     bf16 = m.dtype == "bfloat16" or (m.dtype == "auto" and gpu_mem_gib is not None)
     p = cfg.placement
     return PlanRequest(gpus, shape, cfg.train.global_batch, tuple(p.micro_batch_sizes),

@@ -6,13 +6,13 @@ and no signal is lost."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ..config.schema import Config
 from ..core.errors import TelepathyError
 from ..data import sidecar
 from ..data.stream import open_tokens
+from ..plan.model import limits, model_shape
 from ..plan.placement import Plan, plan, request_for
 from ..slurm.env import DistEnv
 
@@ -23,13 +23,16 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
     if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
         raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
                              "config.json; point it at a local Hugging Face model directory")
+    vocab, positions = limits(cfg)
+    if cfg.model.pretrained_path and positions is not None and cfg.data.seq_len > positions:
+        raise TelepathyError(f"data.seq_len={cfg.data.seq_len} is longer than the {positions} "
+                             f"positions of model.pretrained_path={cfg.model.pretrained_path!r} "
+                             f"(its config.json); set data.seq_len to at most {positions}")
     meta = None
     if cfg.data.path is not None:
         meta = sidecar.read(cfg.data.path)
         if meta is not None:
-            pretrained = (json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
-                          if cfg.model.pretrained_path else None)
-            sidecar.check(cfg, meta, pretrained["vocab_size"] if pretrained else None)
+            sidecar.check(cfg, meta, vocab if cfg.model.pretrained_path else None)
         open_tokens(cfg.data.path, cfg.data.dtype)
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
     return meta
@@ -39,8 +42,6 @@ def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None,
               max_micro: int | None = None) -> Plan:
     """The placement of this run on `world_size` ranks (memory unchecked when None), its
     micro-batch at most `max_micro` (carried after an out-of-memory error)."""
-    hf_config = None
-    if cfg.model.pretrained_path:
-        hf_config = json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
-    request = request_for(cfg, world_size, gpu_mem_gib, hf_config)
+    shape = model_shape(cfg, count=gpu_mem_gib is not None)
+    request = request_for(cfg, world_size, gpu_mem_gib, shape)
     return plan(dataclasses.replace(request, max_micro=max_micro) if max_micro else request)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..checkpoint import basemodel as base
 from ..checkpoint.directory import Found
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.universal import CONVERT_TIMEOUT_S, universal_checkpoint
@@ -40,6 +41,7 @@ from ..data.stream import TokenStream, generate_corpus, open_tokens, write_corpu
 from ..engine import adapter, distributed
 from ..engine.distributed import Dist
 from ..plan.memory import GiB
+from ..plan.model import limits
 from ..plan.placement import Plan
 from ..slurm import scontrol
 from ..slurm.env import DistEnv, SlurmEnv
@@ -355,16 +357,16 @@ def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths
 def token_stream(cfg: Config, paths: RunPaths, dist: Dist) -> TokenStream:
     """The run's data: data.path, or a synthetic corpus made once in the run directory."""
     path = cfg.data.path
+    vocab = limits(cfg)[0]  # a pretrained model's own vocabulary, else model.vocab_size
     if path is None:
-        corpus = paths.synthetic_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
-                                        cfg.data.seed)
+        synthetic = min(vocab, cfg.model.vocab_size)
+        corpus = paths.synthetic_corpus(cfg.data.synthetic_tokens, synthetic, cfg.data.seed)
         if dist.is_main and not corpus.exists():
-            write_corpus(corpus, generate_corpus(cfg.data.synthetic_tokens, cfg.model.vocab_size,
+            write_corpus(corpus, generate_corpus(cfg.data.synthetic_tokens, synthetic,
                                                  cfg.data.seed))
         dist.barrier()
         path = corpus
-    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed,
-                       cfg.model.vocab_size)
+    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed, vocab)
 
 
 SOURCE_STAMP = ".prepared-with-sha256"
@@ -396,8 +398,10 @@ def keep_tokenizer(data: dict | None, paths: RunPaths, dist: Dist) -> None:
 
 
 def write_effective_config(cfg: Config, paths: RunPaths, dist: Dist) -> None:
+    """The config as run, and at the first start on a base model its files' checksums."""
     if dist.is_main:
         paths.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        base.record(cfg, paths)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     """The set-up phases (phases.py) in order, then the training loop; the exit code."""
     from ..checkpoint import rng
     from ..checkpoint.manager import CheckpointManager
-    from ..engine.build import build_engine, count_parameters
+    from ..engine.build import build_engine, count_parameters, count_trainable, has_frozen
     from . import phases
     from .inputs import make_plan
     from .steps import EngineSteps
@@ -115,8 +115,11 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                               load_universal=resumable.universal is not None)
         checkpoints.attach(engine)
         parameters = count_parameters(engine)
+        # A frozen base stays where it is (model.pretrained_path, verified at every start).
+        checkpoints.exclude_frozen = bool(cfg.model.pretrained_path) and has_frozen(engine)
         # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
-        checkpoints.estimate_bytes = 16 * parameters
+        checkpoints.estimate_bytes = 16 * (count_trainable(engine) if checkpoints.exclude_frozen
+                                           else parameters)
         rng.seed_all(cfg.train.seed + dist.rank)
         dog.expect("start-up: loading the checkpoint", info.first_step_allowance_s)
         start = phases.restore(checkpoints, engine, resumable, cfg, run_logs.events,
@@ -152,9 +155,11 @@ def execute(config: str | Path, run_dir: str | Path, flag: PreemptionFlag,
     try:
         cfg = load_config(config, list(overrides))
         flag.watch([*cfg.preemption.signals, *extra_signals])
+        from ..checkpoint import basemodel as base
         from .inputs import check_inputs  # numpy and the planner: no torch yet
 
         data = check_inputs(cfg, env)
+        base.check(cfg, RunPaths.at(run_dir))
         return train(cfg, RunPaths.at(run_dir), env, SlurmEnv.from_mapping(environ), flag, force,
                      FaultPlan.from_mapping(environ), StateDump.from_mapping(environ), data, log_files)
     except TelepathyError as exc:

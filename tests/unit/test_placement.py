@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from telepathy.config import load_config
+from telepathy.core.errors import ConfigError
 from telepathy.plan.memory import OFFLOADS, REDUCE_BUCKET, GiB, ModelShape, zero3_memory
 from telepathy.plan.placement import (
     Layout,
@@ -15,6 +16,7 @@ from telepathy.plan.placement import (
     nearest_divisible,
     plan,
     request_for,
+    shape_of,
     smaller,
     step_time_s,
 )
@@ -156,7 +158,14 @@ def test_request_from_config_reads_shape_dtype_and_options(tmp_path):
     assert request_for(tiny, 1, None).dtype_bytes == 4  # auto on CPU: fp32
     hf = {"num_hidden_layers": 12, "hidden_size": 768, "intermediate_size": 2048,
           "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000}
-    assert request_for(cfg, 1, 80.0, hf).shape.parameters == 124_668_672
+    assert request_for(cfg, 1, 80.0, shape_of(cfg, hf)).shape.parameters == 124_668_672
+    gpt2 = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": None, "vocab_size": 256,
+            "tie_word_embeddings": True}
+    shape = shape_of(cfg, gpt2)
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads,
+            shape.vocab, shape.tied_embeddings) == (2, 64, 256, 4, 4, 256, True)
+    with pytest.raises(ConfigError, match="none of num_hidden_layers, n_layer"):
+        shape_of(cfg, {"hidden_size": 8, "num_attention_heads": 2, "vocab_size": 9})
 
 
 def test_step_time_model_scales_with_gpus():

@@ -1,0 +1,64 @@
+"""The run's model as the planner sees it: its shape (config.json of model.pretrained_path, or
+the model fields) and, where memory is checked, its parameters counted from the model itself
+(transformers' `from_config` on the meta device, with LoRA added and the frozen ones known)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Config
+from .memory import ModelShape
+from .placement import shape_of
+
+LLAMA_FORMULA = ("llama", "mistral", "qwen2")
+"""From-scratch archs whose parameters memory.ModelShape's formula counts exactly."""
+
+
+def pretrained_config(cfg: Config) -> dict | None:
+    """The config.json of model.pretrained_path as a dict (None without one)."""
+    if not cfg.model.pretrained_path:
+        return None
+    return json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length",
+                 "max_sequence_length")
+
+
+def limits(cfg: Config) -> tuple[int, int | None]:
+    """(vocabulary size, longest sequence) of the run's model: the pretrained model's own
+    config.json, or the model fields. The longest sequence is None when the config names none
+    (a model without learned positions)."""
+    hf = pretrained_config(cfg)
+    if hf is None:
+        return cfg.model.vocab_size, cfg.model.max_seq_len
+    text = hf.get("text_config") or hf
+    positions = next((text[k] for k in POSITION_KEYS if text.get(k)), None)
+    return shape_of(cfg, hf).vocab, positions
+
+
+def model_shape(cfg: Config, count: bool) -> ModelShape:
+    """The shape of the run's model; `count`: parameters (all, trainable) counted from the
+    model itself, needed to check memory (a few seconds: transformers is imported), not for
+    the layout alone. Counting is skipped where the formula is exact (a Llama-family model
+    built from scratch, every parameter trained)."""
+    hf = pretrained_config(cfg)
+    from ..engine import finetune
+
+    if not count or (hf is None and cfg.model.arch in LLAMA_FORMULA
+                     and not finetune.fine_tuning(cfg)):
+        return shape_of(cfg, hf)
+    total, trainable = finetune.count(cfg, _transformers_config(cfg))
+    return shape_of(cfg, hf, total, trainable)
+
+
+def _transformers_config(cfg: Config):
+    import torch
+    from transformers import AutoConfig
+
+    from ..engine.build import model_config
+
+    if cfg.model.pretrained_path:
+        return AutoConfig.from_pretrained(cfg.model.pretrained_path, local_files_only=True)
+    return model_config(cfg, torch.float32)

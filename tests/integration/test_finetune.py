@@ -1,0 +1,171 @@
+"""Fine-tuning on real DeepSpeed ZeRO-3 (CPU, gloo): LoRA through peft and frozen parameters on
+locally saved GPT-2 and Llama models, exact resume at world 1 and 2, checkpoints that hold only
+what trains (read with DeepSpeed's own zero_to_fp32), a changed base refused, a resume on fewer
+ranks, and the exports read back with transformers and peft themselves."""
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from telepathy.core.paths import RunPaths
+from telepathy.export import hf
+from tests import support
+from tests.support import LORA_CONFIG, PACED, RNG, assert_close_losses, assert_same_losses
+
+_runs: dict = {}
+
+
+@pytest.fixture(scope="module")
+def lora_reference(base_model, tmp_path_factory):
+    """The uninterrupted LoRA run per (arch, world), made once for this file."""
+    def get(arch: str, world: int):
+        if (arch, world) not in _runs:
+            run_dir = tmp_path_factory.mktemp(f"lora-{arch}-w{world}") / "run"
+            rc = support.run(run_dir, world, support.lora_sets(base_model(arch)),
+                             config=LORA_CONFIG)
+            assert rc == 0, support.log_text(run_dir)
+            _runs[arch, world] = run_dir
+        return _runs[arch, world]
+
+    return get
+
+
+def assert_preempted(rc, world, run_dir):
+    """The ranks saved and left with the preemption exit (torchrun itself exits 1 after it
+    forwarded the signal)."""
+    assert rc == (75 if world == 1 else 1), support.log_text(run_dir)
+    assert support.events(run_dir, "preempted"), support.log_text(run_dir)
+
+
+def newest_checkpoint(run_dir):
+    from telepathy.checkpoint.directory import complete_steps
+
+    paths = RunPaths.at(run_dir)
+    return paths.checkpoint(complete_steps(paths.checkpoints)[-1])
+
+
+@pytest.mark.parametrize("arch, world", [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("llama", 2)])
+def test_lora_resumes_bit_for_bit_after_sigterm(arch, world, base_model, lora_reference,
+                                                 tmp_path):
+    ref = support.losses(lora_reference(arch, world))
+    run_dir = tmp_path / "run"
+    sets = support.lora_sets(base_model(arch))
+    rc, _ = support.interrupt(run_dir, RNG.randint(2, 18), world, sets, PACED, LORA_CONFIG)
+    assert_preempted(rc, world, run_dir)
+    assert support.run(run_dir, world, sets, config=LORA_CONFIG) == 0, support.log_text(run_dir)
+    assert support.events(run_dir, "resume"), "the second start did not resume"
+    assert_same_losses(run_dir, ref)
+
+    # The checkpoint holds the adapters alone: DeepSpeed's own consolidation finds nothing else.
+    weights = support.consolidated(newest_checkpoint(run_dir))
+    assert weights and all(".lora_A." in n or ".lora_B." in n for n in weights), sorted(weights)
+    assert (run_dir / "base-model.json").is_file()
+
+
+def test_a_lora_run_resumes_on_fewer_ranks_with_its_state(base_model, lora_reference, tmp_path):
+    """Preempted at world 2, finished at world 1: the adapters' fp32 weights and Adam moments
+    carried bit for bit, the frozen base as it was, the losses within the usual tolerance."""
+    ref = support.losses(lora_reference("llama", 2))
+    run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
+    sets = support.lora_sets(base_model("llama"))
+    env = {**PACED, "TELEPATHY_DUMP_STATE": str(dumps)}
+    rc, _ = support.interrupt(run_dir, RNG.randint(2, 18), 2, sets, env, LORA_CONFIG)
+    assert_preempted(rc, 2, run_dir)
+    first = support.events(run_dir, "preempted")[-1]["step"]
+    rc = support.run(run_dir, 1, sets, env={"TELEPATHY_DUMP_STATE": str(dumps)},
+                     config=LORA_CONFIG)
+    assert rc == 0, support.log_text(run_dir)
+    change, = support.events(run_dir, "world_size_changed")
+    assert (change["from_world_size"], change["to_world_size"]) == (2, 1)
+    saved = load_file(dumps / f"saved-step{first}-w2.safetensors")
+    loaded = load_file(dumps / f"loaded-step{first}-w1.safetensors")
+    assert sorted(saved) == sorted(loaded)
+    assert any(k.endswith("/exp_avg_sq") and ".lora_B." in k for k in saved)
+    assert [k for k in saved if not torch.equal(saved[k], loaded[k])] == []
+    assert_close_losses(support.losses(run_dir), ref, exact_until=first)
+
+
+def test_frozen_parameters_stay_pretrained_and_the_trainable_ones_train(base_model, tmp_path):
+    base = base_model("llama")
+    run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
+    trainable = "model.trainable=[model.layers.1.mlp.*, lm_head.weight]"
+    sets = support.lora_sets(base, "model.lora.r=0", trainable, "train.steps=6")
+    rc = support.run(run_dir, 1, sets, env={"TELEPATHY_DUMP_STATE": str(dumps)},
+                     config=LORA_CONFIG)
+    assert rc == 0, support.log_text(run_dir)
+    state = load_file(dumps / "saved-step6-w1.safetensors")
+    pretrained = load_file(base / "model.safetensors")
+    trained = {k.rsplit("/", 1)[0] for k in state if k.endswith("/fp32")}
+    frozen = {k.rsplit("/", 1)[0] for k in state if k.endswith("/frozen")}
+    assert trained == {"lm_head.weight", *(f"model.layers.1.mlp.{m}_proj.weight"
+                                           for m in ("gate", "up", "down"))}
+    assert frozen == set(pretrained) - trained and frozen
+    assert [n for n in frozen if not torch.equal(state[f"{n}/frozen"], pretrained[n])] == []
+    assert [n for n in trained if torch.equal(state[f"{n}/fp32"], pretrained[n])] == []
+    # What a checkpoint holds: the trained parameters, nothing of the frozen base.
+    assert set(support.consolidated(newest_checkpoint(run_dir))) == trained
+
+
+def snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns,
+                                          hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_changed_base_is_refused_naming_the_file_and_the_run_stays_as_it_was(base_model,
+                                                                             tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(base_model("llama"), base)
+    run_dir = tmp_path / "run"
+    sets = support.lora_sets(base, "train.steps=6")
+    assert support.run(run_dir, 1, sets, config=LORA_CONFIG) == 0, support.log_text(run_dir)
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-RNG.randrange(1, 4096)] ^= 0x10  # one bit of a weight; same size, same header
+    weights.write_bytes(bytes(data))
+    before = snapshot(run_dir)
+    rc = support.run(run_dir, 1, [*sets, "train.steps=12"], config=LORA_CONFIG)
+    assert rc == 2
+    log = support.log_text(run_dir)
+    assert "model.safetensors (content differs)" in log and "changed since this run" in log
+    assert snapshot(run_dir) == before
+
+
+def test_lora_exports_merged_and_as_an_adapter_that_transformers_and_peft_load(
+        base_model, lora_reference, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, base = lora_reference("gpt2", 1), base_model("gpt2")
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    hf.export(run_dir, merged_dir)
+    hf.export(run_dir, adapter_dir, adapter_only=True)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in adapter_dir.iterdir()}
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
+    assert type(merged).__name__ == "GPT2LMHeadModel"  # plain transformers, no peft inside
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, local_files_only=True), adapter_dir).eval()
+
+    # The adapter holds what DeepSpeed's zero_to_fp32 finds in the run's last checkpoint.
+    trained = support.consolidated(newest_checkpoint(run_dir))
+    adapters = {n.replace(".default", ""): p for n, p in peft_model.named_parameters()
+                if ".lora_" in n}
+    assert sorted(adapters) == sorted(n.replace(".default", "") for n in trained)
+    assert all(torch.equal(adapters[n.replace(".default", "")], w) for n, w in trained.items())
+
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged_logits = peft_model(input_ids=ids).logits
+        reference = peft_model.merge_and_unload().state_dict()
+        got = merged.state_dict()
+        assert sorted(got) == sorted(reference)
+        worst = max((got[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst <= 1e-6, worst
+        assert torch.allclose(merged(input_ids=ids).logits, unmerged_logits, atol=1e-5)
+        out = merged.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
