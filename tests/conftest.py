@@ -23,7 +23,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 SPREAD = ("tests/slurm/", "tests/integration/test_resume.py",
           "tests/integration/test_checkpoints.py", "tests/integration/test_never_hang.py",
           "tests/integration/test_elastic.py", "tests/integration/test_launch_local.py",
-          "tests/integration/test_bench.py")
+          "tests/integration/test_bench.py", "tests/integration/test_finetune.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -96,6 +96,30 @@ def base_model(tmp_path_factory, worker_id):
             if not (out / "model.safetensors").exists():
                 support.save_base(out, arch)
         return out
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lora_reference(base_model, tmp_path_factory, worker_id):
+    """The uninterrupted LoRA run per (arch, world), made once per session and shared by the
+    xdist workers (their temp dirs have a common parent) under a file lock."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+
+    def get(arch: str, world: int):
+        name = f"lora-reference-{arch}-w{world}"
+        run_dir = root / name / "run"
+        with FileLock(str(root / f"{name}.lock")):
+            if not (root / f"{name}.done").exists():
+                rc = support.run(run_dir, world, support.lora_sets(base_model(arch)),
+                                 config=support.LORA_CONFIG)
+                assert rc == 0, support.log_text(run_dir)
+                (root / f"{name}.done").touch()
+        return run_dir
 
     return get
 

@@ -15,23 +15,6 @@ from telepathy.export import hf
 from tests import support
 from tests.support import LORA_CONFIG, PACED, RNG, assert_close_losses, assert_same_losses
 
-_runs: dict = {}
-
-
-@pytest.fixture(scope="module")
-def lora_reference(base_model, tmp_path_factory):
-    """The uninterrupted LoRA run per (arch, world), made once for this file."""
-    def get(arch: str, world: int):
-        if (arch, world) not in _runs:
-            run_dir = tmp_path_factory.mktemp(f"lora-{arch}-w{world}") / "run"
-            rc = support.run(run_dir, world, support.lora_sets(base_model(arch)),
-                             config=LORA_CONFIG)
-            assert rc == 0, support.log_text(run_dir)
-            _runs[arch, world] = run_dir
-        return _runs[arch, world]
-
-    return get
-
 
 def assert_preempted(rc, world, run_dir):
     """The ranks saved and left with the preemption exit (torchrun itself exits 1 after it

@@ -49,6 +49,18 @@ def test_scancel_term_saves_requeues_same_job_and_resumes_exactly(cluster, tmp_p
     assert after and {(r["restart"], r["world_size"], r["job_id"]) for r in after} == {(1, 2, job.id)}
 
 
+def test_a_lora_job_scancel_term_requeues_and_resumes_exactly(cluster, tmp_path, base_model,
+                                                             lora_reference):
+    """LoRA on a locally saved Llama through sbatch: SIGTERM, save, requeue, exact resume."""
+    job = Job(cluster, tmp_path, sets=support.lora_sets(base_model("llama")), gpus=1,
+              config=support.LORA_CONFIG, env=support.PACED)
+    job.wait_step(RNG.randint(2, 18))
+    job.term()
+    assert job.wait_end() == ("COMPLETED", 1), job.logs()
+    assert_exact(job, support.losses(lora_reference("llama", 1)))
+    assert_requeue_trail(job, ["user"])
+
+
 def test_two_preemptions_by_scancel_give_restart_two(cluster, tmp_path, reference):
     job = Job(cluster, tmp_path, gpus=1)
     first, second = sorted(RNG.sample(range(5, 45), 2))

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from telepathy.config import Config, config_from_dict, load_config, trajectory_changes
 from telepathy.core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = "configs/tiny-cpu.yaml"
 
@@ -73,3 +77,48 @@ def test_the_config_knows_the_hashes_the_checkpoints_know():
     assert CHECKPOINT_HASHES == HASHES
     with pytest.raises(ConfigError, match="checkpoint.hash='md5' is invalid: choose one of"):
         load_config(TINY, ["checkpoint.hash=md5"])
+
+
+def test_an_arch_telepathy_cannot_build_is_refused_with_the_list_and_the_way_out():
+    with pytest.raises(ConfigError, match="model.arch='bloom'.*gpt2, gpt_neox.*pretrained_path"):
+        config_from_dict({"model": {"arch": "bloom"}})
+
+
+def test_gpt2_and_gpt_neox_need_as_many_kv_heads_as_heads():
+    with pytest.raises(ConfigError, match="gpt2 has no grouped-query attention"):
+        config_from_dict({"model": {"arch": "gpt2", "num_heads": 4, "num_kv_heads": 2}})
+    assert config_from_dict({"model": {"arch": "gpt_neox", "num_heads": 4,
+                                       "num_kv_heads": 4}}).model.arch == "gpt_neox"
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("r", -1, "model.lora.r=-1"), ("alpha", 0, "model.lora.alpha=0"),
+    ("dropout", 1.0, "model.lora.dropout=1.0"), ("target_modules", [], "name at least one"),
+])
+def test_bad_lora_settings_name_the_key(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"model": {"lora": {key: value}}})
+
+
+def test_lora_and_trainable_from_the_command_line():
+    cfg = load_config(str(ROOT / "configs/tiny-cpu.yaml"),
+                      ["model.lora.r=8", "model.trainable=[lm_head.*, 'model.norm.*']"])
+    assert cfg.model.lora.r == 8 and cfg.model.trainable == ["lm_head.*", "model.norm.*"]
+    with pytest.raises(ConfigError, match="model.trainable"):
+        config_from_dict({"model": {"trainable": []}})
+
+
+def test_a_config_saved_before_a_key_existed_resumes_as_its_default():
+    saved = Config().to_dict()
+    del saved["model"]["lora"], saved["model"]["trainable"]
+    assert trajectory_changes(saved, Config().to_dict()) == []
+    lora = Config().to_dict()
+    lora["model"]["lora"]["r"] = 8
+    assert trajectory_changes(saved, lora) == ["model.lora.r: 0 -> 8"]
+
+
+def test_the_sequence_length_of_a_pretrained_model_is_checked_against_its_own_config():
+    with pytest.raises(ConfigError, match="model.max_seq_len=256"):
+        config_from_dict({"data": {"seq_len": 512}})
+    cfg = config_from_dict({"data": {"seq_len": 512}, "model": {"pretrained_path": "/m"}})
+    assert cfg.data.seq_len == 512  # telepathy.train.inputs checks it against /m/config.json

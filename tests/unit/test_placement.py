@@ -1,5 +1,6 @@
 """The placement planner and its ZeRO-3 memory model: tables of cases, impossible ones included."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -181,3 +182,14 @@ def test_the_planner_and_the_engine_agree_on_the_reduce_bucket():
     assert DEEPSPEED_REDUCE_BUCKET == REDUCE_BUCKET
     assert reduce_bucket_size(123_712) == 123_712  # the tiny model: its own size, not 2 GB
     assert reduce_bucket_size(8_000_000_000) == REDUCE_BUCKET
+
+
+def test_frozen_parameters_cost_their_weights_only():
+    full = dataclasses.replace(SHAPES["1.1B"], total=1_000_000, trainable=None)
+    lora = dataclasses.replace(full, trainable=10_000)
+    a, b = zero3_memory(full, 2, 1, 2), zero3_memory(lora, 2, 1, 2)
+    # bf16: every weight 2 bytes; gradient 2, master 4, moments 8 for the trained ones only.
+    assert a.states == (2 + 2 + 12) * 500_000
+    assert b.states == 2 * 500_000 + (2 + 12) * 5_000
+    assert (a.step_extra, b.step_extra) == (8 * 500_000, 8 * 5_000)
+    assert b.activations == a.activations and lora.parameters == 1_000_000
