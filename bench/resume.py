@@ -64,8 +64,10 @@ def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 def wait_for(done: Any, p: subprocess.Popen, what: str, log: Path) -> None:
     deadline = time.monotonic() + 1800
     while not done():
-        if p.poll() is not None or time.monotonic() > deadline:
+        if p.poll() is not None and not done():  # not done, also after it ended
             raise RuntimeError(f"{what}: the process ended ({p.returncode}) first; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not after 30 minutes; see {log}")
         time.sleep(0.05)
 
 

@@ -107,6 +107,21 @@ def test_export_benchmark_smoke():
         assert peaks["rss"] > 0 and peaks["anon"] > 0 and "seconds" in peaks  # bytes: a process's
 
 
+def test_finetune_benchmark_smoke():
+    result, = smoke("bench.finetune")["results"]
+    assert_sane(result)
+    assert_ratios_measured_or_explained(result)
+    assert result["model"] == "tiny" and result["world_size"] == 1
+    full, lora = result["full"], result["lora"]
+    for row in (full, lora):
+        assert set(row) == {"checkpoint_bytes", "save_s", "resume_s", "verify_s", "load_s",
+                            "steps_per_s", "parameters"}
+    # Behaviour, not speed: the LoRA checkpoint leaves the frozen base out; LoRA adds weights.
+    assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert lora["parameters"] > full["parameters"] == result["base_parameters"]
+    assert set(result["ratios"]) == {"checkpoint_bytes", "save_s", "resume_s", "steps_per_s"}
+
+
 @pytest.mark.slurm
 def test_chaos_benchmark_smoke(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.chaos", "--smoke", "--workdir",
