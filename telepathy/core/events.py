@@ -48,7 +48,7 @@ EVENTS: dict[Event, tuple[str, str]] = {
     Event.LAUNCH: ("an allocation's ranks started and took the run lock; the placement",
                    "launcher, slurm_restart_count, device, micro_batch, accum, global_batch, "
                    "offload, plan_mem_gib, gpu_mem_gib, plan_notes, pid, host, stdout, stderr"),
-    Event.START: ("a new run: no checkpoint to resume from", "step, parameters"),
+    Event.START: ("a new run: no checkpoint to resume from", "step, parameters, trainable"),
     Event.RESUME: ("resumed from a verified checkpoint",
                    "step, checkpoint, verify_s, load_s, files_read_once"),
     Event.CHECKPOINT_REJECTED: ("a checkpoint failed verification or is incomplete; the run "

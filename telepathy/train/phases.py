@@ -415,16 +415,17 @@ class Start:
 
 def restore(checkpoints: CheckpointManager, engine: Any, resumable: Resumable, cfg: Config,
             events: EventLog, restart: int, parameters: int, placement: Plan, dist: Dist,
-            paths: RunPaths) -> Start:
+            paths: RunPaths, trainable: int | None = None) -> Start:
     """Collective: load the checkpoint into the engine, or record a new run."""
     found = resumable.found
     if found is None:
         layout = placement.layout
-        log.info("starting a new run in %s: %d parameters, world %d, micro %d x accum %d, "
-                 "offload %s, planned memory %.1f GiB per GPU", paths.root, parameters,
-                 dist.world_size, layout.micro_batch, layout.accum, placement.offload,
+        trainable = parameters if trainable is None else trainable
+        log.info("starting a new run in %s: %d parameters (%d trained), world %d, micro %d x "
+                 "accum %d, offload %s, planned memory %.1f GiB per GPU", paths.root, parameters,
+                 trainable, dist.world_size, layout.micro_batch, layout.accum, placement.offload,
                  placement.memory.peak_gib)
-        events.emit(Event.START, step=0, parameters=parameters)
+        events.emit(Event.START, step=0, parameters=parameters, trainable=trainable)
         return Start()
     load_started = time.time()
     checkpoints.load(engine, found, resumable.universal, cfg.train.seed)

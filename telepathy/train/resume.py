@@ -118,12 +118,14 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         # A frozen base stays where it is (model.pretrained_path, verified at every start).
         checkpoints.exclude_frozen = bool(cfg.model.pretrained_path) and has_frozen(engine)
         # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
-        checkpoints.estimate_bytes = 16 * (count_trainable(engine) if checkpoints.exclude_frozen
+        trainable = count_trainable(engine)
+        checkpoints.estimate_bytes = 16 * (trainable if checkpoints.exclude_frozen
                                            else parameters)
         rng.seed_all(cfg.train.seed + dist.rank)
         dog.expect("start-up: loading the checkpoint", info.first_step_allowance_s)
         start = phases.restore(checkpoints, engine, resumable, cfg, run_logs.events,
-                               run_logs.restart, parameters, placement, dist, paths)
+                               run_logs.restart, parameters, placement, dist, paths,
+                               trainable)
 
         def carry(new: Any, step: int, exc: BaseException) -> None:
             phases.carry_smaller_layout(paths, dist, lambda: stamp[0], trainer.layout, new, step,
