@@ -49,8 +49,10 @@ def save_base(model: str, out: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     from telepathy.config import load_config
+    from telepathy.engine import adapter
     from telepathy.engine.build import model_config
 
+    adapter.use_cpu_accelerator()  # else DeepSpeed, imported by transformers, probes and prints
     cfg = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), MODELS[model])
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(model_config(cfg, torch.float32))
