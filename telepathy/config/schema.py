@@ -159,8 +159,9 @@ class TrainConfig:
     hang_timeout_s: float = 600
     """Watchdog: a rank that sees no optimizer step complete and no save make progress for this
     long dumps every thread's stack, records a `hang` event and exits 124, and the job requeues.
-    Start-up with the first step, and a running save, get the larger of this and twice their
-    longest recent duration. Collectives give up after twice this (at least 30 minutes)."""
+    Start-up with the first step gets the larger of this, twice the run's longest start-up and
+    120 s; a running save the larger of this and twice the longest recent save. Collectives give
+    up after twice this (at least 30 minutes)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "must be a positive integer")

@@ -178,6 +178,18 @@ class Durations:
     """The last three saves' total seconds."""
 
 
+STARTUP_FLOOR_S = 120.0
+"""Start-up (the run lock, finding and loading the checkpoint, building the engine, the first
+step) is never called hung sooner than this, whatever train.hang_timeout_s: a timeout chosen for
+one-second steps must not end an allocation that loads a model from a busy shared filesystem."""
+
+
+def startup_allowance_s(durations: Durations) -> float:
+    """How long start-up may go without progress: twice the longest earlier start-up of the
+    run, at least STARTUP_FLOOR_S (the watchdog takes the larger of this and its timeout)."""
+    return max(STARTUP_FLOOR_S, 2 * (durations.startup_s or 0.0))
+
+
 def measured_durations(paths: RunPaths, dist: Dist) -> Durations:
     """Collective: rank 0 reads events.jsonl and metrics.jsonl, every rank gets the figures."""
     found = None

@@ -84,14 +84,13 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         # launch event is written).
         stamp = [Stamp(launches(list(read_jsonl(paths.events))), job_id, dist.world_size)]
         dog = stack.enter_context(phases.watchdog(cfg, paths, dist, lambda: stamp[0]))
-        dog.expect("start-up: taking the run lock")
+        dog.expect("start-up: taking the run lock", phases.STARTUP_FLOOR_S)
         stack.enter_context(phases.run_lock(dist, paths, job_id))
         run_logs = stack.enter_context(phases.run_logs(dist, paths, job_id))
         stamp[0] = run_logs.events.stamp
         durations = phases.measured_durations(paths, dist)
         info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data,
-                       first_step_allowance_s=2 * durations.startup_s if durations.startup_s
-                       else None)
+                       first_step_allowance_s=phases.startup_allowance_s(durations))
         dog.expect("start-up: finding the checkpoint", info.first_step_allowance_s)
         phases.record_launch(run_logs.events, dist, env, slurm, device, placement, log_files)
         stack.enter_context(phases.system_monitor(cfg, env, paths))

@@ -15,7 +15,7 @@ def test_a_rank_stuck_in_a_step_is_ended_by_its_watchdog_and_the_run_resumes_exa
                                                                                      reference):
     run_dir = tmp_path / "run"
     # Step 25 blocks for 10 minutes: a dead NFS mount, a stuck driver. The watchdog allows 20 s
-    # (its start-up phases too: room for the engine's build on a loaded machine).
+    # (step 25 lies past start-up, which would get at least 120 s).
     rc = support.run(run_dir, sets=["train.hang_timeout_s=20"],
                      env={"TELEPATHY_FAULT": "step.start@25,sleep=600"})
     log = support.log_text(run_dir)

@@ -191,3 +191,11 @@ def test_out_of_memory_exits_are_not_a_crash_loop_they_shrink_the_plan():
     history = [AllocationEnd(exits.OUT_OF_MEMORY, 0)] * 3
     assert decide(history, 3, 50, 3, 75).requeue
 
+
+
+def test_start_up_is_allowed_twice_the_longest_earlier_one_and_never_less_than_the_floor():
+    from telepathy.train.phases import STARTUP_FLOOR_S, Durations, startup_allowance_s
+
+    assert startup_allowance_s(Durations()) == STARTUP_FLOOR_S == 120
+    assert startup_allowance_s(Durations(startup_s=30)) == 120
+    assert startup_allowance_s(Durations(startup_s=90)) == 180
