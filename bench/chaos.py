@@ -50,7 +50,7 @@ def by_kind(faults: list[dict]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="one rank_kill, for CI")
+    p.add_argument("--smoke", action="store_true", help="one rank_kill on one GPU, for CI")
     p.add_argument("--faults", type=int, default=30)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--gpus", type=int, default=2)
@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--picture", help="the timeline PNG")
     args = p.parse_args(argv)
     faults, kinds = args.faults, tuple(args.kinds.split(","))
-    if args.smoke:
-        faults, kinds = 1, ("rank_kill",)
+    gpus = args.gpus
+    if args.smoke:  # one rank killed, on one GPU, the reference beside it: the cheapest check
+        faults, kinds, gpus = 1, ("rank_kill",), 1
     started = time.time()
-    result = Harness(Options(args.config, faults, args.seed, kinds, args.gpus,
+    result = Harness(Options(args.config, faults, args.seed, kinds, gpus,
                              Path(args.workdir))).run()
     report = {"bench": "chaos", "machine": f"{platform.node()} ({platform.machine()}, CPU only)",
               "command": "python -m bench.chaos " + " ".join(argv if argv is not None

@@ -98,11 +98,11 @@ def log_text(run_dir: Path) -> str:
 
 
 # -- fine-tuning: small pretrained models saved locally, LoRA runs --------------------------------
-LORA_SETS = ["train.steps=24", "train.warmup_steps=4", "checkpoint.every_steps=6",
-             "train.log_every=6"]
+LORA_SETS = ["train.steps=16", "train.warmup_steps=3", "checkpoint.every_steps=4",
+             "train.log_every=4"]
 PACED = {"TELEPATHY_FAULT": "step.start@*,sleep=0.1"}
-"""Every step sleeps 0.1 s (outside the maths): a signal sent after step N arrives before the
-24-step run ends on any machine."""
+"""Every step sleeps 0.1 s (outside the maths): a signal sent after step N <= 10 has the six
+steps left, at least 0.6 s, to arrive before the 16-step run ends."""
 
 
 def save_base(out: Path, arch: str) -> Path:

@@ -49,6 +49,12 @@ TIME_LIMIT_ROOM_S = 75
 """A shortened time limit's signal comes within ~65 s (SLURM checks limits every 30 s)."""
 
 
+BESIDE_THE_REFERENCE = {"rank_kill", "rank_hang", "save_kill", "scancel_term", "bitflip",
+                        "oom_one_rank", "time_limit", "disk_full"}
+"""Fault kinds whose injection touches only the chaos job (its ranks, its files, its limit):
+with only these the reference job runs beside the chaos job instead of before it."""
+
+
 def harness_sets(schedule: list[str], every_steps: int = 10, step_s: float = 0.15) -> list[str]:
     """What the harness sets before the user's --set: saves often, a short hang timeout, a
     restart cap above the faults, a 30 s grace signal, and steps enough for every fault (a
@@ -259,12 +265,21 @@ class Harness:
     def _run(self) -> Result:
         started = time.time()
         ref_dir = self.work / "reference"
-        job = self.submit("reference", ref_dir, {})
-        self.log(f"reference job {job}: {self.cfg.train.steps} steps on {self.opts.gpus} GPU(s)")
-        state, _ = self.wait_end(job, 60 + 2 * self.cfg.train.steps)
-        if state != "COMPLETED":
-            raise RuntimeError(f"the reference job {job} ended {state}; see {self.work}/reference.err")
-        reference = last_per_step(list(read_jsonl(RunPaths.at(ref_dir).metrics)))
+        ref_job = self.submit("reference", ref_dir, {})
+        self.log(f"reference job {ref_job}: {self.cfg.train.steps} steps on {self.opts.gpus} "
+                 "GPU(s)")
+
+        def reference_losses() -> dict[int, dict]:
+            state, _ = self.wait_end(ref_job, 60 + 2 * self.cfg.train.steps)
+            if state != "COMPLETED":
+                raise RuntimeError(f"the reference job {ref_job} ended {state}; see "
+                                   f"{self.work}/reference.err")
+            return last_per_step(list(read_jsonl(RunPaths.at(ref_dir).metrics)))
+
+        # Faults that touch only the chaos job's own processes and files let the reference run
+        # beside it; a node's or the partition's (node_fail, preempt) wait for it to finish.
+        beside = set(self.schedule) <= BESIDE_THE_REFERENCE
+        reference = None if beside else reference_losses()
 
         fs = self.small_filesystem() if "disk_full" in self.schedule else self.work
         run_dir = fs / "run"
@@ -289,6 +304,8 @@ class Harness:
                     break
                 ready_since = time.time()
             state, restarts = self.wait_end(job, 120 + 3 * self.cfg.train.steps)
+        if reference is None:
+            reference = reference_losses()
         got = last_per_step(list(read_jsonl(target.paths.metrics)))
         plain = compare_losses(reference, got)
         kept = self.work / "chaos-run"  # the run's logs outlive its tmpfs

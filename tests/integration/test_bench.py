@@ -67,9 +67,11 @@ def test_checkpoint_benchmark_smoke():
     assert_ratios_measured_or_explained(result)
     assert result["hash"] == "xxh3_128"
     assert set(result["hash_GB_per_s_one_thread"]) == {"xxh3_128", "blake3", "sha256"}
-    # durable is a point inside the save call (both from one clock, the one after the other)
+    # durable is a point inside the save call. The two come from different clocks (the
+    # manager's wall clock inside, perf_counter around the call) at four significant digits:
+    # equal within a millisecond is all that can be asserted of their order.
     assert result["seconds"]["telepathy_sync_save_durable_s"] <= \
-        result["seconds"]["telepathy_sync_save_s"]
+        result["seconds"]["telepathy_sync_save_s"] + 1e-3
     assert result["snapshot_buffers_bytes"] > 0
     assert result["throughput"]["every_steps"] == 50 and len(result["throughput"]["plain_steps_s"]) == 12
     # every target reported, and each miss (or a ratio not measured) says why

@@ -54,7 +54,7 @@ def test_a_lora_job_scancel_term_requeues_and_resumes_exactly(cluster, tmp_path,
     """LoRA on a locally saved Llama through sbatch: SIGTERM, save, requeue, exact resume."""
     job = Job(cluster, tmp_path, sets=support.lora_sets(base_model("llama")), gpus=1,
               config=support.LORA_CONFIG, env=support.PACED)
-    job.wait_step(RNG.randint(2, 18))
+    job.wait_step(RNG.randint(2, 10))
     job.term()
     assert job.wait_end() == ("COMPLETED", 1), job.logs()
     assert_exact(job, support.losses(lora_reference("llama", 1)))
