@@ -5,6 +5,7 @@ on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with g
 
 - `use_cpu_accelerator`, `init_distributed`: `DS_ACCELERATOR`, and
   `deepspeed.ops.__compatible_ops__` (skip a shared-memory op's JIT build);
+- `skip_muon_import`: the module DeepSpeed imports to ask whether the optimizer is Muon;
 - `universal_command`, `LATEST_UNIVERSAL`: the command line of DeepSpeed's `ds_to_universal` and
   the pointer file it leaves;
 - `install_checkpoint_engine`, `zipped_serialization`: the checkpoint-engine hook
@@ -39,6 +40,32 @@ def use_cpu_accelerator(override: bool = True) -> None:
     otherwise probes and warns on stdout). `override=False` keeps a choice already made."""
     if override or "DS_ACCELERATOR" not in os.environ:
         os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_muon_import() -> bool:
+    """Stand in for DeepSpeed's Muon optimizer module, unless it is loaded already; whether
+    this call put the stand-in there.
+
+    DeepSpeed (0.19.8) imports that module while it builds the engine only to ask whether the
+    client optimizer is a `MuonWithAuxAdam`. Importing it compiles kernels (torch._dynamo and
+    inductor come with it): ~2.4 s of CPU on every rank at every start, for a question whose
+    answer is no: telepathy's optimizer is AdamW. A class that nothing is an instance of gives
+    the same answer."""
+    if MUON_MODULE in sys.modules:
+        return False
+    import types
+
+    module = types.ModuleType(MUON_MODULE, "telepathy's stand-in: Muon is never used")
+
+    class MuonWithAuxAdam:
+        """Stand-in: no optimizer telepathy builds is one."""
+
+    module.MuonWithAuxAdam = MuonWithAuxAdam
+    sys.modules[MUON_MODULE] = module
+    return True
 
 
 def init_distributed(backend: str, timeout_s: float | None = None) -> None:

@@ -135,6 +135,7 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
                                   eps=cfg.train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: lr_factor(s, cfg.train))
+    adapter.skip_muon_import()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=conf)
     del hf_ds

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..config import Config
+from ..core.errors import ConfigError
 from .memory import ModelShape
 from .placement import shape_of
 
@@ -19,7 +20,13 @@ def pretrained_config(cfg: Config) -> dict | None:
     """The config.json of model.pretrained_path as a dict (None without one)."""
     if not cfg.model.pretrained_path:
         return None
-    return json.loads((Path(cfg.model.pretrained_path) / "config.json").read_text())
+    path = Path(cfg.model.pretrained_path) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.pretrained_path={cfg.model.pretrained_path!r}: cannot read its "
+                          f"config.json ({exc.__class__.__name__}: {exc}); point it at a local "
+                          "Hugging Face model directory") from None
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length",
