@@ -19,11 +19,14 @@ def launch(tmp_path, *args, env=None):
 
 
 def test_local_executor_time_limit_mid_training_resumes_exactly(tmp_path, reference):
-    # A 1-minute limit with the grace signal 30 s before it; 0.5 s more per step (a real sleep
-    # in the step, not in the maths) makes 60 steps outlast the first allocation.
+    # A 1-minute limit with the grace signal 15 s before it; 0.8 s more per step (a real sleep
+    # in the step, not in the maths) makes 60 steps (48 s) outlast the first allocation's 45 s
+    # however fast the machine, and leaves each allocation 45 s less its start-up: submitit's
+    # local controller runs a job at most 6 times, which a loaded machine (start-up 25 s) must
+    # still fit.
     out = launch(tmp_path, "--executor", "local", "--gpus", "2", "--wait",
-                 "--set", "slurm.time_limit_min=1", "--set", "slurm.signal_lead_s=30",
-                 env={"TELEPATHY_FAULT": "step.start@*,sleep=0.5"})
+                 "--set", "slurm.time_limit_min=1", "--set", "slurm.signal_lead_s=15",
+                 env={"TELEPATHY_FAULT": "step.start@*,sleep=0.8"})
     run_dir = tmp_path / "run"
     assert out.returncode == 0, out.stdout + out.stderr
     assert "submitit folder: " + str(run_dir / "submitit") in out.stdout
