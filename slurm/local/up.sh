@@ -55,6 +55,8 @@ SchedulerParameters=sched_interval=2,bf_interval=1
 KillWait=10
 SlurmdTimeout=$node_timeout
 MinJobAge=3600
+# Job ids of its own: several local clusters on one machine (parallel tests) never share one.
+FirstJobId=$(( (port % 1000) * 1000 + 1 ))
 JobRequeue=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE

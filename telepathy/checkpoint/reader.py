@@ -57,7 +57,11 @@ def zip_records(path: Path) -> list[_Record]:
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED or "/" not in info.filename:
                 raise NotAZip(f"{info.filename}: compressed or outside the archive folder")
-            header = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+            try:  # a damaged central directory can name any offset, even a negative one
+                header = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+            except (OSError, OverflowError) as exc:
+                raise NotAZip(f"{info.filename}: its local header offset {info.header_offset} "
+                              f"cannot be read ({exc})") from exc
             if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
                 raise NotAZip(f"{info.filename}: no local header at {info.header_offset}")
             *_, name_len, extra_len = _LOCAL_HEADER.unpack(header)
