@@ -32,7 +32,7 @@ from typing import Any
 
 from bench import add_case_arguments, cases_of, ratios, seconds, write_report
 from bench.checkpoint import MODELS, drop_cache
-from bench.resume import events, first_step_time, wait_for
+from bench.resume import command, events, first_step_time, wait_for
 from telepathy.checkpoint.manifest import MANIFEST
 from telepathy.core.jsonl import read_jsonl
 from telepathy.core.paths import RunPaths
@@ -60,17 +60,6 @@ def save_base(model: str, out: Path) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def command(run_dir: Path, world: int, sets: list[str]) -> list[str]:
-    launcher = [sys.executable, "-m", "telepathy.resume"]
-    if world > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={world}", "-m", "telepathy.resume"]
-    cmd = launcher + ["--config", str(CONFIG), "--run-dir", str(run_dir)]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
-
-
 def one(mode: str, model: str, world: int, steps: int, base_dir: Path, work: Path
         ) -> dict[str, Any]:
     """One mode: a run preempted after its halfway checkpoint, then resumed; both timed."""
@@ -86,7 +75,7 @@ def one(mode: str, model: str, world: int, steps: int, base_dir: Path, work: Pat
     held = {**env, "TELEPATHY_FAULT": f"step.start@{half + 1},sleep=5"}
     log_path = run_dir.parent / "log.txt"
     with open(log_path, "ab") as log:
-        p = subprocess.Popen(command(run_dir, world, sets), cwd=ROOT, env=held, stdout=log,
+        p = subprocess.Popen(command(run_dir, world, sets, CONFIG), cwd=ROOT, env=held, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         manifest = RunPaths.at(run_dir).checkpoint(half) / MANIFEST
         wait_for(manifest.exists, p, f"{mode}: the checkpoint of step {half}", log_path)
@@ -99,7 +88,7 @@ def one(mode: str, model: str, world: int, steps: int, base_dir: Path, work: Pat
                       if r["restart"] == 0 and 1 < r["step"] <= half]
         drop_cache(run_dir / "checkpoints")  # as on another node: read from the disk
         started = time.time()
-        p = subprocess.Popen(command(run_dir, world, sets), cwd=ROOT, env=env, stdout=log,
+        p = subprocess.Popen(command(run_dir, world, sets, CONFIG), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: first_step_time(run_dir, 1) is not None, p, f"{mode}: the resume",
                  log_path)

@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
-def command(run_dir: Path, world: int, sets: list[str]) -> list[str]:
+def command(run_dir: Path, world: int, sets: list[str], config: Path = CONFIG) -> list[str]:
     launcher = [sys.executable, "-m", "telepathy.resume"]
     if world > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={world}", "-m", "telepathy.resume"]
-    cmd = launcher + ["--config", str(CONFIG), "--run-dir", str(run_dir)]
+    cmd = launcher + ["--config", str(config), "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
     return cmd
