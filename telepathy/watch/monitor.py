@@ -83,19 +83,25 @@ class SystemMonitor(Background):
         psutil.cpu_percent(None)
         try:
             while not self._stop.wait(self.interval_s):
-                started = time.perf_counter()
-                try:
-                    record = self.sample(gpus)
-                except Exception as exc:  # a sampler must never take the run down
-                    log.warning("monitor: sampling failed: %s", exc)
-                    continue
-                writer.write(record)
-                self._history = (self._history + [record])[-HISTORY:]
-                self._warn(conditions(self._history, self.limits))
-                self.samples += 1
-                self.busy_s += time.perf_counter() - started
+                self._take(gpus, writer)
+            # One last sample as the allocation ends, so that every allocation, however much
+            # shorter than the interval it was, leaves the host's figures behind it.
+            self._take(gpus, writer)
         finally:
             writer.close()
+
+    def _take(self, gpus: _Gpus, writer: JsonlWriter) -> None:
+        started = time.perf_counter()
+        try:
+            record = self.sample(gpus)
+        except Exception as exc:  # a sampler must never take the run down
+            log.warning("monitor: sampling failed: %s", exc)
+            return
+        writer.write(record)
+        self._history = (self._history + [record])[-HISTORY:]
+        self._warn(conditions(self._history, self.limits))
+        self.samples += 1
+        self.busy_s += time.perf_counter() - started
 
     def _warn(self, now: dict[str, str]) -> None:
         for key in now.keys() - self._warned:

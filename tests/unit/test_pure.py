@@ -1,4 +1,5 @@
 """Unit tests of the pure modules: data order, placement, schedule, environment, paths."""
+import json
 
 import numpy as np
 import pytest
@@ -112,3 +113,13 @@ def test_first_host(nodelist, host):
 def test_checkpoint_names_round_trip():
     assert checkpoint_step(checkpoint_name(123)) == 123
     assert checkpoint_step("step_123") is None and checkpoint_step("rejected") is None
+
+
+def test_the_monitor_leaves_a_host_sample_even_when_stopped_before_its_first_interval(tmp_path):
+    from telepathy.watch.monitor import SystemMonitor
+    path = tmp_path / "system-host.jsonl"
+    monitor = SystemMonitor(path, tmp_path, interval_s=3600.0).start()
+    monitor.stop()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    samples = [r for r in rows if "cpu_pct" in r]
+    assert len(samples) == 1 and samples[0]["disk_free_gb"] > 0
