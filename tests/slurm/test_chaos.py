@@ -22,7 +22,7 @@ def test_a_short_seeded_chaos_run_recovers_every_fault_exactly(cluster, tmp_path
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))  # the harness uses this cluster
     seed = RNG.randrange(1000)
     harness = Harness(Options(support.CONFIG, faults=len(KINDS), seed=seed, kinds=KINDS, gpus=2,
-                              workdir=tmp_path / "chaos",
+                              workdir=tmp_path / "chaos", last=("node_fail",),
                               sets=(f"train.hang_timeout_s={HANG_TIMEOUT_S}",)))
     result = harness.run()
     s = result.summary
