@@ -320,6 +320,62 @@ class MonitorConfig:
                  "must lie in 0..100")
 
 
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """disabled, offline (files under RUN_DIR/wandb/, `wandb sync` them later) or online."""
+    project: str = "telepathy"
+    entity: str | None = None
+    """W&B team or user; None: the logged-in user's default."""
+    tags: list[str] = field(default_factory=list)
+    run_name: str | None = None
+    """The run's display name; None: the run directory's name. Its id is kept in the run
+    directory (track/state.json) and resumed at every allocation."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in WANDB_MODES, "track.wandb.mode", self.mode,
+                 f"choose one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = False
+    tracking_uri: str | None = None
+    """None: a SQLite database in the run directory (sqlite:///RUN_DIR/mlflow/mlflow.db)."""
+    experiment: str = "telepathy"
+
+
+@dataclass
+class TrackConfig:
+    """Trackers fed by rank 0's relay process from the run's own files (never by the training
+    loop): one continuous tracker run per run directory, whatever happened to it."""
+
+    tensorboard: bool = False
+    """Event files under RUN_DIR/tensorboard/ (`tensorboard --logdir RUN_DIR/tensorboard`)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    flush_s: float = 15.0
+    """How long an ending allocation waits for the relay to catch up (after the last save);
+    what it did not send, the next allocation sends first."""
+
+    def __post_init__(self) -> None:
+        _require(self.flush_s >= 0, "track.flush_s", self.flush_s, "must be >= 0")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers that are on, by name."""
+        return [name for name, on in (("tensorboard", self.tensorboard),
+                                      ("wandb", self.wandb.mode != "disabled"),
+                                      ("mlflow", self.mlflow.enabled)) if on]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.trackers)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -330,6 +386,7 @@ class Config:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self) -> None:
         if self.model.pretrained_path is None:  # else: checked against its config.json

@@ -39,6 +39,8 @@ class Event(StrEnum):
     ALLOCATION_END = "allocation_end"
     REQUEUE = "requeue"
     REQUEUE_REFUSED = "requeue_refused"
+    TRACKING = "tracking"
+    TRACKER_FAILED = "tracker_failed"
 
 
 STAMP_FIELDS = ("time", "restart", "job_id", "world_size")
@@ -93,11 +95,16 @@ EVENTS: dict[Event, tuple[str, str]] = {
     Event.REQUEUE_REFUSED: ("the job was not requeued (bad input, restart cap, crash loop)",
                             "exit_code, srun_exit_code, checkpoint_step, slurm_restart_count, "
                             "cause, reason, signal"),
+    Event.TRACKING: ("rank 0's relay opened a tracker run for this allocation (track:)",
+                     "tracker, where, hwm, resume_step, skipped"),
+    Event.TRACKER_FAILED: ("a tracker raised: dropped for the rest of the allocation; the next "
+                           "one sends what it missed", "tracker, error"),
 }
 """What each event means and the fields it carries beyond the stamp."""
 
 METRICS_FIELDS = ("step", "loss", "lr", "world_size", "micro_batch", "accum", "restart", "time",
-                  "step_time_s", "tokens_per_s", "samples_per_s", "job_id", "gpu_mem_peak_gb")
+                  "step_time_s", "tokens_per_s", "samples_per_s", "job_id", "grad_norm",
+                  "gpu_mem_peak_gb")
 """Columns of a metrics.jsonl line (one per optimizer step; gpu_mem_peak_gb on CUDA only)."""
 
 

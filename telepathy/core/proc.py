@@ -33,12 +33,23 @@ def run(cmd: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
 
 
 def spawn(cmd: Sequence[str], log_path: str | os.PathLike | None = None,
-          env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """Start a long-running child in its own process group; its output goes to `log_path`."""
+          env: Mapping[str, str] | None = None, stdin_pipe: bool = False) -> subprocess.Popen:
+    """Start a long-running child in its own process group; its output goes to `log_path`
+    (`stdin_pipe`: its stdin a pipe, whose closing tells it to finish)."""
+    stdin = subprocess.PIPE if stdin_pipe else None
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
     try:
-        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=stdin,
                                 env=None if env is None else dict(env), start_new_session=True)
     finally:
         if log_path is not None:
             out.close()
+
+
+def wait(child: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether the child ended within the timeout."""
+    try:
+        child.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

@@ -81,6 +81,13 @@ def init_distributed(backend: str, timeout_s: float | None = None) -> None:
                                **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
 
 
+def grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the last optimizer step (before clipping), as ZeRO computed it
+    for every rank alike; None when DeepSpeed did not compute one."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
 def numel(param: torch.nn.Parameter) -> int:
     """Elements of a parameter, also when ZeRO-3 has partitioned it away."""
     return getattr(param, "ds_numel", param.numel())

@@ -6,6 +6,7 @@ and no signal is lost."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from ..config.schema import Config
@@ -35,7 +36,36 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
             sidecar.check(cfg, meta, vocab if cfg.model.pretrained_path else None)
         open_tokens(cfg.data.path, cfg.data.dtype)
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
+    check_trackers(cfg)
     return meta
+
+
+TRACKER_MODULES = {"tensorboard": ("tensorboard",), "wandb": ("wandb",),
+                   "mlflow": ("mlflow", "sqlalchemy", "alembic")}
+"""What each tracker of `track:` imports in the relay (MLflow's SQLite store needs the last
+two); `pip install 'telepathy[<tracker>]'` installs them."""
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules: blocked
+        return False
+
+
+def check_trackers(cfg: Config) -> None:
+    """An enabled tracker whose package is missing is refused before any distributed work."""
+    for name in cfg.track.trackers:
+        missing = [m for m in TRACKER_MODULES[name] if not _installed(m)]
+        if missing:
+            key = {"tensorboard": "track.tensorboard=true", "wandb": f"track.wandb.mode="
+                   f"{cfg.track.wandb.mode}", "mlflow": "track.mlflow.enabled=true"}[name]
+            raise TelepathyError(
+                f"{key} needs the Python package(s) {', '.join(missing)}, which are not installed "
+                f"in {sys.executable}: pip install 'telepathy[{name}]' (exact versions: "
+                f"requirements.lock), or turn the tracker off")
 
 
 def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None,

@@ -301,6 +301,22 @@ def system_monitor(cfg: Config, env: DistEnv, paths: RunPaths) -> Iterator[Syste
             monitor.stop()
 
 
+def tracker_relay(cfg: Config, paths: RunPaths, dist: Dist, restart: int, resume_step: int,
+                  job_id: str | None) -> Any:
+    """Rank 0's tracker relay (track:), started once the resume point is known; None when no
+    tracker is on, and on every other rank (they never import a tracker)."""
+    if not (dist.is_main and cfg.track.enabled):
+        return None
+    from ..track.process import RelayProcess
+
+    (paths.root / "track").mkdir(parents=True, exist_ok=True)
+    relay = RelayProcess.start(paths.root, restart, resume_step, job_id, dist.world_size,
+                               cfg.track.flush_s, paths.root / "track" / "relay.log")
+    log.info("tracker relay pid %d: %s (its log: %s)", relay.popen.pid,
+             ", ".join(cfg.track.trackers), paths.root / "track" / "relay.log")
+    return relay
+
+
 # -- the checkpoint to resume from -------------------------------------------------------------
 def check_resumable(found: Found, cfg: Config, force: bool, data: dict | None = None) -> list[str]:
     """Refuse a resume that would change the trajectory; return the changes --force lets through.

@@ -63,6 +63,10 @@ class Steps(Protocol):
         """Forget a step that failed part-way; the next try uses `layout`."""
         ...
 
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last step (None: not computed)."""
+        ...
+
     def memory_peak_gb(self) -> float | None: ...
 
 

@@ -126,6 +126,10 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                                run_logs.restart, parameters, placement, dist, paths,
                                trainable)
 
+        relay = phases.tracker_relay(cfg, paths, dist, run_logs.restart, start.step, job_id)
+        if relay is not None:
+            stack.callback(relay.stop)
+
         def carry(new: Any, step: int, exc: BaseException) -> None:
             phases.carry_smaller_layout(paths, dist, lambda: stamp[0], trainer.layout, new, step,
                                         exc)
@@ -137,7 +141,8 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream,
                           layout, checkpoints, flag, run_logs.metrics, run_logs.events,
                           info, faults, time_left=lambda: phases.time_left(slurm), dump=dump,
-                          watchdog=dog, carry=carry, switches=switches)
+                          watchdog=dog, carry=carry, switches=switches,
+                          before_exit=relay.stop if relay is not None else lambda: None)
         dump.after_load(engine, dist, start.step)
         return trainer.run(start.step, start.train_time_s, start.samples_seen)
 

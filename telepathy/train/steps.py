@@ -52,6 +52,9 @@ class EngineSteps:
         if self.dist.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def grad_norm(self) -> float | None:
+        return adapter.grad_norm(self.engine)
+
     def memory_peak_gb(self) -> float | None:
         if self.dist.device.type != "cuda":
             return None

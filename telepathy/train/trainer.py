@@ -61,7 +61,8 @@ class Trainer:
                  time_left: Callable[[], float | None] = lambda: None,
                  dump: StateDump = StateDump(), watchdog: Progress = NoWatchdog(),
                  carry: Callable[[Layout, int, BaseException], None] | None = None,
-                 switches: list[tuple[int, Layout]] = ()):
+                 switches: list[tuple[int, Layout]] = (),
+                 before_exit: Callable[[], None] = lambda: None):
         self.cfg = cfg
         self.dist = dist
         self.steps = steps
@@ -80,6 +81,9 @@ class Trainer:
         self.carry = carry
         """Across ranks (world > 1): record the smaller layout for the next allocation (and an
         `oom` event) before this rank leaves; None: such an error is raised."""
+        self.before_exit = before_exit
+        """Rank 0's last work before the ranks leave together: the tracker relay's flush, at most
+        track.flush_s (the other ranks wait for it in the last barrier)."""
         self.switches = dict(switches)
         """Layouts carried from earlier allocations, by the (1-based) step they start at."""
         self.train_time_s = 0.0
@@ -261,6 +265,10 @@ class Trainer:
             self.events.emit(Event.FINISHED, step=step)
             log.info("run finished at step %d", step)
             code = exits.FINISHED
+        # Every rank may wait this long for rank 0's last work below.
+        self.watchdog.expect("leaving: waiting for rank 0's tracker relay",
+                             self.cfg.track.flush_s + 5 if self.cfg.track.enabled else None)
+        self.before_exit()
         self.dist.barrier()  # leave together: srun stops the others when one rank exits
         return code
 
@@ -307,6 +315,9 @@ class Trainer:
                   "samples_per_s": self.layout.global_batch / elapsed,
                   "micro_batch": self.layout.micro_batch, "accum": self.layout.accum,
                   "job_id": self.info.job_id}
+        norm = self.steps.grad_norm()
+        if norm is not None:
+            record["grad_norm"] = norm
         peak = self.steps.memory_peak_gb()
         if peak is not None:
             record["gpu_mem_peak_gb"] = peak

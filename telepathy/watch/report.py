@@ -50,6 +50,7 @@ def build(run_dir: Path) -> dict[str, Any]:
         "checkpoints": {"saves": len(saves), "seconds_mean": statistics.fmean(seconds) if seconds
                         else None, "seconds_max": max(seconds, default=None),
                         "bytes_last": saves[-1]["bytes"] if saves else None, "list": saves},
+        "trackers": view.trackers,
         "markers": view.markers,
         "series": {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
                    "tokens_per_s": [r["tokens_per_s"] for r in rows]},
@@ -71,8 +72,9 @@ def text(report: dict[str, Any]) -> str:
         f"{f(report['gpu']['util_pct_mean'], '.0f')}%, peak memory "
         f"{f(report['gpu']['mem_peak_gb'], '.1f')} GB",
         f"checkpoints {ck['saves']} saved, mean {f(ck['seconds_mean'], '.2f')} s, max "
-        f"{f(ck['seconds_max'], '.2f')} s, last {f(ck['bytes_last'], ',')} bytes",
-        "allocations:"]
+        f"{f(ck['seconds_max'], '.2f')} s, last {f(ck['bytes_last'], ',')} bytes"]
+    lines += [f"{name:<10} {where}" for name, where in report.get("trackers", {}).items()]
+    lines.append("allocations:")
     for a in report["allocations"]:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started_at"]))
         lines.append(f"  #{a['index']} job {a['job_id'] or '-'} {started}: steps {a['start_step']}"

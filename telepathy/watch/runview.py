@@ -55,6 +55,9 @@ class RunView:
     markers: list[dict[str, Any]] = field(default_factory=list)
     """Steps where the run was stopped (preempted) and resumed, for plots."""
     warnings: list[str] = field(default_factory=list)
+    trackers: dict[str, str] = field(default_factory=dict)
+    """Where each tracker's run is (track:), from the relay's `tracking` events; a tracker that
+    failed in the newest allocation says so."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +153,13 @@ def summarize(config: dict[str, Any] | None, metrics: list[dict[str, Any]],
         state = "running"
     warnings = [f"no update for {now - last_update:.0f} s"] if state == "stale" else []
     last_system = next((s for s in reversed(system) if "cpu_pct" in s), None)
+    trackers = {e["tracker"]: str(e.get("where")) for e in of_kind(events, Event.TRACKING)}
+    newest = allocs[-1].index if allocs else None
+    for e in of_kind(events, Event.TRACKER_FAILED):
+        if e.get("restart") == newest and e.get("tracker") in trackers:
+            trackers[e["tracker"]] += f" (failed in this allocation: {e.get('error')})"
     return RunView(
+        trackers=trackers,
         state=state, step=step, total_steps=total,
         loss=losses[-1][1] if losses else None, loss_first=losses[0][1] if losses else None,
         loss_best=min(losses, key=lambda x: x[1]) if losses else None,

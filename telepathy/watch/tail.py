@@ -130,6 +130,8 @@ def render(run_dir: Path, view: RunView, now: float, job: str | None,
         facts.add_row("system", f"{gpus}; CPU {s['cpu_pct']:.0f}%, RAM {s['ram_used_gb']:.1f}/"
                                 f"{s['ram_total_gb']:.0f} GB, disk free {s['disk_free_gb']:.1f} GB, "
                                 f"RSS {s['rss_gb']:.1f} GB ({_age(now - s['time'])} ago)")
+    for name, where in view.trackers.items():
+        facts.add_row(name, where)
     if view.last_update:
         facts.add_row("updated", f"{_age(now - view.last_update)} ago")
     for w in view.warnings:

@@ -109,6 +109,9 @@ class FakeSteps:
     def drop_partial_step(self, counters, layout):
         self.dropped.append((counters, layout))
 
+    def grad_norm(self):
+        return None
+
     def memory_peak_gb(self):
         return None
 

@@ -1,0 +1,291 @@
+"""The relay: rank 0's child process that feeds the trackers from the run's files.
+
+`python -m telepathy.track.relay RUN_DIR --restart N --resume-step R` (started by
+`RelayProcess`): opens each tracker of `track:`, sends what earlier allocations trained and the
+tracker lacks (the last line of each step up to R, the step this allocation resumed from), then
+follows metrics.jsonl, events.jsonl and system-*.jsonl until its stdin closes (rank 0 is done,
+or died), sends what is left, closes the tracker runs and exits. SLURM's signals are ignored:
+rank 0 decides when the relay ends and how long it may take (`track.flush_s`).
+
+A tracker that raises is dropped for the rest of the allocation with one warning and a
+`tracker_failed` event; the next allocation's relay sends what it missed. Nothing here can
+reach a training step: it is another process, and it only reads the files the step wrote.
+
+`telepathy track sync RUN_DIR` runs the same catch-up once, for a run that is not running (a
+tracker added later, or a relay cut off at the end of the last allocation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import load_config
+from ..config.schema import Config
+from ..core import exits, logs
+from ..core.eventlog import EventLog
+from ..core.events import Event, Stamp
+from ..core.jsonl import JsonlWriter, last_per_step
+from ..core.paths import RunPaths
+from . import records, state
+from .sinks import SINKS, Context, Sink
+
+log = logging.getLogger("telepathy.track")
+
+FLUSH_EVERY_S = 2.0
+FAULT_ENV = "TELEPATHY_TRACK_FAULT"
+"""Test fault: the named tracker (e.g. `mlflow`) raises on every call, as a tracker on a full
+disk or behind a dead network does. Unset in real runs."""
+
+
+class Follower:
+    """New complete lines of a JSON-lines file, from where the last call stopped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        import json
+
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                out.append(row)
+        return out
+
+
+class Faulty(Sink):
+    """A sink whose every call raises (FAULT_ENV): a test fault, named as one."""
+
+    def __init__(self, inner: Sink):
+        self.name = inner.name
+        self.exact_steps = inner.exact_steps
+
+    def _raise(self, *args: Any) -> Any:
+        raise OSError(f"injected tracker fault ({FAULT_ENV}={self.name})")
+
+    open = step = extra = flush = _raise
+
+    def close(self, finished: bool) -> None:
+        self._raise()
+
+
+class Relay:
+    def __init__(self, run_dir: Path, cfg: Config, restart: int, resume_step: int,
+                 job_id: str | None = None, world_size: int | None = None):
+        self.paths = RunPaths.at(run_dir)
+        self.cfg = cfg
+        self.restart = restart
+        self.resume_step = resume_step
+        self.events_log = EventLog(JsonlWriter(self.paths.events), Stamp(restart, job_id,
+                                                                         world_size))
+        self.state = state.load(self.paths.root)
+        self.sinks: dict[str, Sink] = {}
+        self.hwm: dict[str, int] = {}
+        self.cursor: dict[str, int] = {}
+        """Lines of events.jsonl each sink was given."""
+        self.metrics = Follower(self.paths.metrics)
+        self.events = Follower(self.paths.events)
+        self.system: dict[Path, Follower] = {}
+        self.events_seen = 0
+        self.current = resume_step
+        self.finished = False
+
+    # -- a tracker that fails is dropped ------------------------------------------------------------
+    def _call(self, name: str, what: str, *args: Any) -> Any:
+        sink = self.sinks.get(name)
+        if sink is None:
+            return None
+        try:
+            return getattr(sink, what)(*args)
+        except Exception as exc:  # noqa: BLE001 (any tracker error: drop it, train on)
+            log.warning("tracker %s failed (%s: %s: %s); dropped for the rest of this allocation, "
+                        "the next one sends what it missed", name, what, type(exc).__name__, exc)
+            self.sinks.pop(name, None)
+            try:
+                self.events_log.emit(Event.TRACKER_FAILED, tracker=name,
+                                     error=f"{type(exc).__name__}: {exc}"[:500])
+            except OSError:
+                pass
+            return None
+
+    # -- start: open, then send what earlier allocations left unsent --------------------------------
+    def open(self) -> None:
+        fault = os.environ.get(FAULT_ENV, "")
+        config = self.cfg.to_dict()
+        for name in self.cfg.track.trackers:
+            sink = SINKS[name]()
+            self.sinks[name] = Faulty(sink) if name == fault else sink
+            entry = self.state.setdefault(name, {})
+            ctx = Context(self.paths.root, config, self.cfg.track, self.resume_step, entry)
+            hwm = self._call(name, "open", ctx)
+            if name not in self.sinks:
+                continue
+            self.hwm[name] = hwm
+            skipped = max(0, hwm - self.resume_step)
+            self.cursor[name] = int(entry.get("events", 0))
+            log.info("tracker %s: %s; it holds steps up to %d, this allocation resumed from step "
+                     "%d%s", name, sink.where(), hwm, self.resume_step,
+                     f"; steps {self.resume_step + 1}-{hwm} are trained again and keep the values "
+                     "it holds (equal bit for bit: an exact resume; only step times differ)"
+                     if skipped else "")
+            self.events_log.emit(Event.TRACKING, tracker=name, where=sink.where(), hwm=hwm,
+                                 resume_step=self.resume_step, skipped=skipped)
+            entry["where"] = sink.where()
+        if not self.sinks:
+            return
+        rows = self.metrics.read()
+        earlier = [r for r in rows if r.get("restart", 0) < self.restart]
+        final = last_per_step([r for r in earlier if r.get("step", 0) <= self.resume_step])
+        events = self.events.read()
+        self.events_seen = len(events)
+        self.finished = any(e.get("event") == Event.FINISHED for e in events)
+        for name in list(self.sinks):
+            sink = self.sinks[name]
+            purge = getattr(sink, "purge_from", None)
+            for step in sorted(s for s in final if s > self.hwm[name]):
+                self._call(name, "step", step, records.step_scalars(final[step]), [])
+                self.hwm[name] = step
+            # Events: those it was not given yet; for TensorBoard also those its purge removed.
+            for i, event in enumerate(events):
+                step = records.event_step(event, self.resume_step)
+                if i >= self.cursor.get(name, 0) or (purge is not None and step >= purge):
+                    self._give_event(name, event, step)
+            self.cursor[name] = len(events)
+        self._live([r for r in rows if r.get("restart") == self.restart])
+        self.flush()
+
+    def _give_event(self, name: str, event: dict[str, Any], step: int) -> None:
+        note = records.note(event)
+        scalars = records.save_scalars(event)
+        if note or scalars:
+            self._call(name, "extra", step, scalars, [note] if note else [])
+
+    # -- follow ---------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Send every complete line written since the last call."""
+        self._live(self.metrics.read())
+        new = self.events.read()
+        for event in new:
+            if event.get("event") == Event.FINISHED:
+                self.finished = True
+            step = records.event_step(event, self.current)
+            for name in list(self.sinks):
+                self._give_event(name, event, step)
+        self.events_seen += len(new)
+        for name in self.cursor:
+            self.cursor[name] = self.events_seen
+        self._system()
+
+    def _live(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row.get("restart") != self.restart or "step" not in row:
+                continue
+            self.current = row["step"]
+            scalars = records.step_scalars(row)
+            for name in list(self.sinks):
+                if row["step"] > self.hwm[name]:
+                    self._call(name, "step", row["step"], scalars, [])
+                    self.hwm[name] = row["step"]
+
+    def _system(self) -> None:
+        for path in self.paths.root.glob("system-*.jsonl"):
+            follower = self.system.get(path)
+            if follower is None:
+                follower = self.system[path] = Follower(path)
+                follower.offset = path.stat().st_size  # this allocation's samples on
+            for sample in follower.read():
+                scalars = records.system_scalars(sample)
+                for name in list(self.sinks):
+                    if scalars:
+                        self._call(name, "extra", self.current, scalars, [])
+
+    def flush(self) -> None:
+        for name in list(self.sinks):
+            self._call(name, "flush")
+            if name in self.sinks:
+                entry = self.state.setdefault(name, {})
+                entry["hwm"] = self.hwm[name]
+                entry["events"] = self.cursor.get(name, 0)
+        try:
+            state.save(self.paths.root, self.state)
+        except OSError as exc:
+            log.warning("could not write %s: %s", state.path_of(self.paths.root), exc)
+
+    def close(self) -> None:
+        self.pump()
+        self.flush()
+        for name in list(self.sinks):
+            self._call(name, "close", self.finished)
+        try:
+            state.save(self.paths.root, self.state)
+        except OSError as exc:
+            log.warning("could not write %s: %s", state.path_of(self.paths.root), exc)
+        self.events_log.close()
+
+
+def follow(relay: Relay, done: threading.Event) -> None:
+    relay.open()
+    last_flush = time.monotonic()
+    while not done.wait(0.5):
+        relay.pump()
+        if time.monotonic() - last_flush >= FLUSH_EVERY_S:
+            relay.flush()
+            last_flush = time.monotonic()
+    relay.close()
+
+
+def _wait_for_eof(done: threading.Event) -> None:
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except OSError:
+        pass
+    done.set()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m telepathy.track.relay", description=__doc__)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--restart", type=int, required=True)
+    p.add_argument("--resume-step", type=int, required=True)
+    p.add_argument("--job-id")
+    p.add_argument("--world-size", type=int)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # rank 0 ends the relay, by closing its stdin
+    args = parse_args(argv)
+    logs.configure(0)
+    cfg = load_config(RunPaths.at(args.run_dir).config)
+    relay = Relay(args.run_dir, cfg, args.restart, args.resume_step, args.job_id, args.world_size)
+    done = threading.Event()
+    threading.Thread(target=_wait_for_eof, args=(done,), daemon=True).start()
+    follow(relay, done)
+    return exits.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""One class per tracker, each importing its package only when opened (in the relay process).
+
+A sink holds one tracker run per run directory. `open` says how far the tracker already got
+(`hwm`: the last step whose training scalars it holds, 0: none); the relay then sends every step
+past it once. How each keeps a step from appearing twice:
+
+- TensorBoard: `SummaryWriter(purge_step=P)` makes every reader drop what earlier files hold from
+  step P on; P is the step after the last one known flushed (or after the resumed checkpoint,
+  whichever is lower), and the relay sends again what it purged.
+- W&B and MLflow cannot forget a step: `hwm` is read back from the tracker's own records (the
+  offline run files through `wandb leet inspect`, MLflow's metric history), and steps at or
+  below it are not sent again. telepathy resumes bit for bit, so a step trained again has the
+  loss, lr and gradient norm the tracker already holds; only its timings differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config.schema import TrackConfig
+from ..core import proc
+
+
+@dataclass
+class Context:
+    run_dir: Path
+    config: dict[str, Any]
+    """The resolved config (to_dict), logged once as hyperparameters."""
+    track: TrackConfig
+    resume_step: int
+    state: dict[str, Any] = field(default_factory=dict)
+    """This sink's entry of track/state.json (run ids, hwm), updated in place."""
+
+
+class Sink:
+    name = "sink"
+    exact_steps = False
+    """True: it accepts steps in any order (TensorBoard, MLflow); False: only rising steps, and
+    anything else is merged into the next step (W&B)."""
+
+    def open(self, ctx: Context) -> int:
+        raise NotImplementedError
+
+    def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        raise NotImplementedError
+
+    def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        """Scalars and notes of an event or a health sample at `step` (which may lie behind)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, finished: bool) -> None:
+        pass
+
+    def where(self) -> str:
+        """Where an operator finds the run (a directory, a run id, a URL)."""
+        return ""
+
+
+# -- TensorBoard -----------------------------------------------------------------------------------
+class TensorBoard(Sink):
+    name = "tensorboard"
+    exact_steps = True
+
+    def open(self, ctx: Context) -> int:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = ctx.run_dir / "tensorboard"
+        flushed = int(ctx.state.get("hwm", 0))
+        self.purge_from = min(flushed, ctx.resume_step) + 1
+        existing = self.dir.is_dir() and any(self.dir.glob("events.out.tfevents.*"))
+        self.writer = SummaryWriter(str(self.dir), purge_step=self.purge_from if existing else None,
+                                    flush_secs=3600)
+        if not ctx.state.get("hparams"):
+            self._hparams(ctx.config)
+            ctx.state["hparams"] = True
+        return self.purge_from - 1
+
+    def _hparams(self, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        from .records import flat_config
+
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in flat_config(config).items()}
+        for summary in hparams(flat, {"train/loss": 0.0}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
+
+    def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        self.extra(step, scalars, notes)
+
+    def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        if notes:
+            self.writer.add_text("events", "  \n".join(notes), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self, finished: bool) -> None:
+        self.writer.close()
+
+    def where(self) -> str:
+        return str(self.dir)
+
+
+# -- Weights & Biases ----------------------------------------------------------------------------
+_HISTORY_STEP = re.compile(r"^# record \d+: history\n(?:.*\n)*?  step: \{\n    num: (\d+)", re.M)
+
+
+def wandb_offline_steps(wandb_dir: Path, run_id: str) -> list[int]:
+    """Every history step of the offline runs of `run_id` under `wandb_dir`, in file order, read
+    by W&B's own reader (`wandb leet inspect`, which prints the records when not on a
+    terminal)."""
+    steps: list[int] = []
+    files = sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    exe = Path(sys.executable).with_name("wandb")
+    for f in files:
+        out = proc.run([str(exe) if exe.exists() else "wandb", "leet", "inspect", str(f)],
+                       timeout=300, env={**os.environ, "WANDB_SILENT": "true"}).stdout
+        steps += [int(m) for m in _HISTORY_STEP.findall(out)]
+    return steps
+
+
+class Wandb(Sink):
+    name = "wandb"
+
+    def open(self, ctx: Context) -> int:
+        import wandb
+
+        cfg = ctx.track.wandb
+        run_id = ctx.state.get("run_id")
+        if not run_id:  # kept before the run exists: a crash in init cannot make a second one
+            import secrets
+            import string
+
+            run_id = ctx.state["run_id"] = "".join(
+                secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+        self.mode = cfg.mode
+        self.wandb_dir = ctx.run_dir / "wandb"
+        hwm = int(ctx.state.get("hwm", 0))
+        if self.mode == "offline" and self.wandb_dir.is_dir():
+            hwm = max([hwm, *wandb_offline_steps(self.wandb_dir, run_id)])
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, id=run_id, name=cfg.run_name or ctx.run_dir.name,
+            tags=cfg.tags or None, mode=cfg.mode, dir=str(ctx.run_dir),
+            resume=None if self.mode == "offline" else "allow",
+            config=ctx.config, allow_val_change=True,
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                    x_disable_meta=True, x_save_requirements=False))
+        if self.mode == "online":
+            hwm = max(hwm, int(getattr(self.run, "starting_step", 0) or 0) - 1)
+            ctx.state["url"] = self.run.url
+        self.current = hwm
+        self.pending: dict[str, Any] = {}
+        self.pending_notes: list[str] = []
+        return hwm
+
+    def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        data: dict[str, Any] = {**self.pending, **scalars}
+        texts = self.pending_notes + notes
+        if texts:
+            data["run/events"] = "\n".join(texts)
+        self.run.log(data, step=step)
+        self.current = step
+        self.pending, self.pending_notes = {}, []
+
+    def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        # W&B takes rising steps only: what belongs to a step behind goes with the next one.
+        self.pending.update(scalars)
+        self.pending_notes += notes
+
+    def close(self, finished: bool) -> None:
+        self.run.finish(exit_code=0 if finished else 1)
+
+    def where(self) -> str:
+        if self.mode == "online":
+            return f"run {self.run.id}: {self.run.url}"
+        return (f"run {self.run.id}, offline: {self.wandb_dir}/offline-run-*-{self.run.id} "
+                f"(upload: wandb sync {self.wandb_dir}/offline-run-*-{self.run.id})")
+
+
+# -- MLflow -------------------------------------------------------------------------------------------
+class Mlflow(Sink):
+    name = "mlflow"
+    exact_steps = True
+
+    def open(self, ctx: Context) -> int:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        cfg = ctx.track.mlflow
+        local = cfg.tracking_uri is None
+        self.uri = cfg.tracking_uri or f"sqlite:///{ctx.run_dir / 'mlflow' / 'mlflow.db'}"
+        if local:
+            (ctx.run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+        self.client = client = MlflowClient(tracking_uri=self.uri)
+        run_id = ctx.state.get("run_id")
+        if not run_id:
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+                cfg.experiment, artifact_location=(ctx.run_dir / "mlflow" / "artifacts").as_uri()
+                if local else None)
+            run_id = client.create_run(experiment_id, run_name=ctx.run_dir.name,
+                                       tags={"telepathy.run_dir": str(ctx.run_dir)}).info.run_id
+            ctx.state["run_id"] = run_id
+            ctx.state["tracking_uri"] = self.uri
+        self.run_id = run_id
+        client.update_run(run_id, status="RUNNING")
+        held = client.get_run(run_id).data.params
+        from .records import flat_config
+
+        params = [Param(k, str(v)[:6000]) for k, v in flat_config(ctx.config).items()
+                  if k not in held]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        self.notes: list[str] = list(ctx.state.get("notes", []))
+        self.notes_sent = len(self.notes)
+        self.ctx = ctx
+        return max([int(ctx.state.get("hwm", 0)), *steps])
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in scalars.items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        self.extra(step, scalars, notes)
+
+    def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
+        self._log(step, scalars)
+        self.notes += notes
+
+    def flush(self) -> None:
+        if len(self.notes) != self.notes_sent:
+            self.client.log_text(self.run_id, "\n".join(self.notes) + "\n", "telepathy/events.txt")
+            self.notes_sent = len(self.notes)
+            self.ctx.state["notes"] = self.notes
+
+    def close(self, finished: bool) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, "FINISHED" if finished else "KILLED")
+
+    def where(self) -> str:
+        return f"run {self.run_id} at {self.uri}"
+
+
+SINKS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""The module each tracker needs; `pip install 'telepathy[<tracker>]'` installs it."""

@@ -1,0 +1,113 @@
+"""Trackers on real runs, read back with each tool's own reader: TensorBoard's EventAccumulator,
+W&B's offline run files through `wandb leet inspect`, MLflow's client. One tracker run per run
+directory across a SIGTERM, a rank SIGKILLed (steps trained again) and a tracker that raises on
+every call; the losses bit for bit those of the uninterrupted run."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+from mlflow import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from telepathy.core.jsonl import last_per_step
+from telepathy.track.sinks import wandb_offline_steps
+from tests import support
+from tests.support import RNG, ROOT, assert_same_losses
+
+TRACK = ["track.tensorboard=true", "track.wandb.mode=offline", "track.mlflow.enabled=true"]
+
+
+def repeated(steps):
+    return sorted(s for s, n in collections.Counter(steps).items() if n > 1)
+
+
+def test_one_tracker_run_per_run_directory_across_requeues_crashes_and_a_failing_tracker(
+        tmp_path, reference):
+    run_dir = tmp_path / "run"
+    # 1. SIGTERM at a random step: saved, exit for requeue.
+    rc, seen = support.interrupt(run_dir, RNG.randint(5, 35), world=2, sets=TRACK)
+    stopped = support.events(run_dir, "preempted")[0]["step"]
+    # 2. Resumed; rank 1 SIGKILLs itself some steps past the next checkpoint, so that those steps
+    # are trained again; MLflow raises on every call in this allocation.
+    checkpoint = (stopped // 20 + 1) * 20
+    kill_at = RNG.randint(checkpoint + 3, 58)
+    rc = support.run(run_dir, 2, TRACK, env={"TELEPATHY_FAULT": f"step.start@{kill_at}:1",
+                                             "TELEPATHY_TRACK_FAULT": "mlflow"})
+    assert rc != 0, support.log_text(run_dir)
+    rows = support.metrics(run_dir)
+    crashed = max(r["step"] for r in rows if r["restart"] == 1)
+    assert crashed > checkpoint, support.log_text(run_dir)
+    # 3. Resumed to the end.
+    assert support.run(run_dir, 2, TRACK) == 0, support.log_text(run_dir)
+    assert_same_losses(run_dir, reference(2))
+
+    final = last_per_step(support.metrics(run_dir))
+    resumed = [e["step"] for e in support.events(run_dir, "resume")]
+    assert resumed[0] == stopped and checkpoint <= resumed[1] < crashed, (resumed, crashed)
+    every_step = list(range(1, 61))
+    relay_log = (run_dir / "track" / "relay.log").read_text()
+    state = json.loads((run_dir / "track" / "state.json").read_text())
+
+    # The failing tracker was dropped with one warning and an event; training went on.
+    failed = support.events(run_dir, "tracker_failed")
+    assert [(e["tracker"], e["restart"]) for e in failed] == [("mlflow", 1)], failed
+    assert relay_log.count("tracker mlflow failed") == 1
+
+    # TensorBoard: train/loss once per step, the run's final values (float32, as it stores them).
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == every_step, repeated([e.step for e in loss])
+    assert [e.value for e in loss] == [np.float32(final[s]["loss"]) for s in every_step]
+    assert [e.value for e in acc.Scalars("run/restarts")] == \
+        [final[s]["restart"] for s in every_step]
+    assert {e.step for e in acc.Scalars("checkpoint/bytes")} >= {20, 40, 60}
+    assert "events/text_summary" in acc.Tags()["tensors"]
+
+    # W&B: one run id across the three allocations, each step once over its offline files.
+    run_id = state["wandb"]["run_id"]
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 3 and all(p.name.endswith(f"-{run_id}") for p in offline), offline
+    steps = wandb_offline_steps(run_dir / "wandb", run_id)
+    assert sorted(steps) == every_step, repeated(steps)
+
+    # MLflow: one run in the experiment, train/loss once per step (the allocation where it
+    # failed was filled in by the next one).
+    client = MlflowClient(state["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("telepathy")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [state["mlflow"]["run_id"]]
+    history = client.get_metric_history(state["mlflow"]["run_id"], "train/loss")
+    assert sorted(m.step for m in history) == every_step, repeated([m.step for m in history])
+    assert {m.step: m.value for m in history} == {s: final[s]["loss"] for s in every_step}
+    assert runs[0].data.params["train.steps"] == "60" and runs[0].info.status == "FINISHED"
+
+    # tail and report name the tracker runs.
+    tail = subprocess.run([sys.executable, "-m", "telepathy", "tail", str(run_dir), "--once",
+                           "--no-slurm"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert tail.returncode == 0, tail.stderr
+    assert run_id in tail.stdout and state["mlflow"]["run_id"] in tail.stdout
+    assert str(run_dir / "tensorboard") in tail.stdout
+    report = subprocess.run([sys.executable, "-m", "telepathy", "report", str(run_dir)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert report.returncode == 0, report.stderr
+    for name, where in (("tensorboard", str(run_dir / "tensorboard")), ("wandb", run_id),
+                        ("mlflow", state["mlflow"]["run_id"])):
+        assert any(line.startswith(name) and where in line
+                   for line in report.stdout.splitlines()), report.stdout
+
+
+def test_an_enabled_tracker_without_its_package_is_refused_before_any_work(tmp_path):
+    run_dir = tmp_path / "run"
+    code = ("import sys; sys.modules['wandb'] = None; from telepathy.train.resume import main; "
+            f"sys.exit(main(['--config', {support.CONFIG!r}, '--run-dir', {str(run_dir)!r}, "
+            "'--set', 'track.wandb.mode=offline']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "track.wandb.mode=offline needs the Python package(s) wandb" in out.stderr
+    assert "pip install 'telepathy[wandb]'" in out.stderr
+    assert not (run_dir / "events.jsonl").exists()  # nothing started
