@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("telepathy.plan.cli", "placements on 1-4 GPUs; which count finishes soonest; submit"),
     "tail": ("telepathy.watch.tail", "watch a run (or every run under a directory)"),
     "report": ("telepathy.watch.report", "a report of a whole run: text, JSON or PNG"),
+    "track": ("telepathy.track.cli", "sync: send a stopped run's steps to TensorBoard, W&B, MLflow"),
     "checkpoint": ("telepathy.checkpoint.cli", "list, verify or prune a run's checkpoints"),
     "export": ("telepathy.export.cli", "a run's weights as a Hugging Face model directory"),
     "data": ("telepathy.data.cli", "prepare: local text through a local tokenizer into tokens"),

@@ -144,8 +144,8 @@ class Relay:
             self.hwm[name] = hwm
             skipped = max(0, hwm - self.resume_step)
             self.cursor[name] = int(entry.get("events", 0))
-            log.info("tracker %s: %s; it holds steps up to %d, this allocation resumed from step "
-                     "%d%s", name, sink.where(), hwm, self.resume_step,
+            log.info("tracker %s: %s; it holds steps up to %d, the run's values are final up to "
+                     "step %d%s", name, sink.where(), hwm, self.resume_step,
                      f"; steps {self.resume_step + 1}-{hwm} are trained again and keep the values "
                      "it holds (equal bit for bit: an exact resume; only step times differ)"
                      if skipped else "")

@@ -163,6 +163,7 @@ class Wandb(Sink):
             hwm = max(hwm, int(getattr(self.run, "starting_step", 0) or 0) - 1)
             ctx.state["url"] = self.run.url
         self.current = hwm
+        self.logged_here = False
         self.pending: dict[str, Any] = {}
         self.pending_notes: list[str] = []
         return hwm
@@ -174,12 +175,16 @@ class Wandb(Sink):
             data["run/events"] = "\n".join(texts)
         self.run.log(data, step=step)
         self.current = step
+        self.logged_here = True
         self.pending, self.pending_notes = {}, []
 
     def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
-        # W&B takes rising steps only: what belongs to a step behind goes with the next one.
+        # W&B takes rising steps only: what belongs to a step behind joins the row this process
+        # logged last (a second log at the same step merges into its row), or the next one.
         self.pending.update(scalars)
         self.pending_notes += notes
+        if self.logged_here:
+            self.step(self.current, {}, [])
 
     def close(self, finished: bool) -> None:
         self.run.finish(exit_code=0 if finished else 1)

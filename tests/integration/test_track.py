@@ -85,6 +85,17 @@ def test_one_tracker_run_per_run_directory_across_requeues_crashes_and_a_failing
     assert {m.step: m.value for m in history} == {s: final[s]["loss"] for s in every_step}
     assert runs[0].data.params["train.steps"] == "60" and runs[0].info.status == "FINISHED"
 
+    # `telepathy track sync` afterwards finds nothing to send: still each step once.
+    sync = subprocess.run([sys.executable, "-m", "telepathy", "track", "sync", str(run_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert sync.returncode == 0, sync.stderr
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == every_step
+    assert sorted(wandb_offline_steps(run_dir / "wandb", run_id)) == every_step
+    assert sorted(m.step for m in client.get_metric_history(state["mlflow"]["run_id"],
+                                                            "train/loss")) == every_step
+
     # tail and report name the tracker runs.
     tail = subprocess.run([sys.executable, "-m", "telepathy", "tail", str(run_dir), "--once",
                            "--no-slurm"], capture_output=True, text=True, cwd=ROOT, timeout=60)
