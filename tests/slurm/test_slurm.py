@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from telepathy.slurm import scontrol
 from tests import support
@@ -80,8 +81,10 @@ def test_time_limit_warning_saves_and_requeues_across_allocations(cluster, tmp_p
     # (slurmctld checks every 30 s). Every step sleeps 0.2 s (a real sleep in the step, not in
     # the maths), so the 260 steps take more than 52 s however fast this machine is: the run
     # cannot finish before the first warning, and it needs at least two allocations.
+    # TensorBoard on: its relay runs under srun and ends within the signal's lead every time.
     job = Job(cluster, tmp_path, gpus=1, sets=["train.steps=260", "checkpoint.every_steps=100",
-                                              "train.log_every=100", "slurm.signal_lead_s=10"],
+                                              "train.log_every=100", "slurm.signal_lead_s=10",
+                                              "track.tensorboard=true"],
               sbatch_args=["--time=1", "--signal=TERM@10"],
               env={"TELEPATHY_FAULT": "step.start@*,sleep=0.2"})
     state, restarts = job.wait_end(timeout=600)
@@ -89,6 +92,11 @@ def test_time_limit_warning_saves_and_requeues_across_allocations(cluster, tmp_p
     assert_requeue_trail(job, ["time_limit"] * restarts)
     steps = sorted(support.losses(job.run_dir))
     assert steps == list(range(1, 261))
+    acc = EventAccumulator(str(job.run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == steps  # one curve, each step once
+    assert [e["restart"] for e in support.events(job.run_dir, "tracking")] == \
+        list(range(restarts + 1))  # a relay in every allocation
 
 
 def test_preemption_by_a_high_priority_job_saves_in_grace_and_resumes_exactly(
