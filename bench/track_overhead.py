@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--smoke", action="store_true", help="seconds, not minutes (CI)")
+    p.add_argument("--rounds", type=int, default=3, help="off/on pairs (not with --smoke)")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    steps, rounds = (40, 1) if args.smoke else (600, 3)
+    steps, rounds = (40, 1) if args.smoke else (600, args.rounds)
     off, on = [], []
     for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
         off.append(run(args.config, steps, False))

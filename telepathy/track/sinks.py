@@ -196,6 +196,10 @@ class Wandb(Sink):
                 f"(upload: wandb sync {self.wandb_dir}/offline-run-*-{self.run.id})")
 
 
+BATCH_METRICS = 1000
+"""MLflow's limit of metrics in one log_batch call."""
+
+
 # -- MLflow -------------------------------------------------------------------------------------------
 class Mlflow(Sink):
     name = "mlflow"
@@ -233,6 +237,7 @@ class Mlflow(Sink):
         steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
         self.notes: list[str] = list(ctx.state.get("notes", []))
         self.notes_sent = len(self.notes)
+        self.buffer: list[Any] = []
         self.ctx = ctx
         return max([int(ctx.state.get("hwm", 0)), *steps])
 
@@ -240,9 +245,7 @@ class Mlflow(Sink):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in scalars.items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        self.buffer += [Metric(k, v, now, step) for k, v in scalars.items()]
 
     def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
         self.extra(step, scalars, notes)
@@ -252,6 +255,10 @@ class Mlflow(Sink):
         self.notes += notes
 
     def flush(self) -> None:
+        # One transaction per batch (a few seconds of steps), not one per step.
+        while self.buffer:
+            self.client.log_batch(self.run_id, metrics=self.buffer[:BATCH_METRICS])
+            self.buffer = self.buffer[BATCH_METRICS:]
         if len(self.notes) != self.notes_sent:
             self.client.log_text(self.run_id, "\n".join(self.notes) + "\n", "telepathy/events.txt")
             self.notes_sent = len(self.notes)
