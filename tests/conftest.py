@@ -23,7 +23,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 SPREAD = ("tests/slurm/", "tests/integration/test_resume.py",
           "tests/integration/test_checkpoints.py", "tests/integration/test_never_hang.py",
           "tests/integration/test_elastic.py", "tests/integration/test_launch_local.py",
-          "tests/integration/test_bench.py", "tests/integration/test_finetune.py")
+          "tests/integration/test_bench.py", "tests/integration/test_finetune.py",
+          "tests/integration/test_track.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

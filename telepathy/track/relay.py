@@ -18,6 +18,7 @@ tracker added later, or a relay cut off at the end of the last allocation).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import signal
@@ -90,16 +91,42 @@ class Faulty(Sink):
         self._raise()
 
 
+class SharedState:
+    """track/state.json, shared by the relay's per-tracker threads (each writes its own entry)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.data = state.load(run_dir)
+        self.lock = threading.Lock()
+
+    def mine(self, names: list[str]) -> dict[str, Any]:
+        """A private copy of these trackers' entries, for one thread to change."""
+        with self.lock:
+            return {n: copy.deepcopy(self.data.get(n, {})) for n in names}
+
+    def save(self, entries: dict[str, Any]) -> None:
+        """Write one thread's entries (copied by that thread) beside the others'."""
+        with self.lock:
+            self.data.update(copy.deepcopy(entries))
+            try:
+                state.save(self.run_dir, self.data)
+            except OSError as exc:
+                log.warning("could not write %s: %s", state.path_of(self.run_dir), exc)
+
+
 class Relay:
     def __init__(self, run_dir: Path, cfg: Config, restart: int, resume_step: int,
-                 job_id: str | None = None, world_size: int | None = None):
+                 job_id: str | None = None, world_size: int | None = None,
+                 trackers: list[str] | None = None, shared: SharedState | None = None):
         self.paths = RunPaths.at(run_dir)
         self.cfg = cfg
         self.restart = restart
         self.resume_step = resume_step
         self.events_log = EventLog(JsonlWriter(self.paths.events), Stamp(restart, job_id,
                                                                          world_size))
-        self.state = state.load(self.paths.root)
+        self.trackers = cfg.track.trackers if trackers is None else trackers
+        self.shared = shared or SharedState(self.paths.root)
+        self.state = self.shared.mine(self.trackers)
         self.sinks: dict[str, Sink] = {}
         self.hwm: dict[str, int] = {}
         self.cursor: dict[str, int] = {}
@@ -133,7 +160,7 @@ class Relay:
     def open(self) -> None:
         fault = os.environ.get(FAULT_ENV, "")
         config = self.cfg.to_dict()
-        for name in self.cfg.track.trackers:
+        for name in self.trackers:
             sink = SINKS[name]()
             self.sinks[name] = Faulty(sink) if name == fault else sink
             entry = self.state.setdefault(name, {})
@@ -227,20 +254,14 @@ class Relay:
                 entry = self.state.setdefault(name, {})
                 entry["hwm"] = self.hwm[name]
                 entry["events"] = self.cursor.get(name, 0)
-        try:
-            state.save(self.paths.root, self.state)
-        except OSError as exc:
-            log.warning("could not write %s: %s", state.path_of(self.paths.root), exc)
+        self.shared.save(self.state)
 
     def close(self) -> None:
         self.pump()
         self.flush()
         for name in list(self.sinks):
             self._call(name, "close", self.finished)
-        try:
-            state.save(self.paths.root, self.state)
-        except OSError as exc:
-            log.warning("could not write %s: %s", state.path_of(self.paths.root), exc)
+        self.shared.save(self.state)
         self.events_log.close()
 
 
@@ -280,10 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(0)
     cfg = load_config(RunPaths.at(args.run_dir).config)
-    relay = Relay(args.run_dir, cfg, args.restart, args.resume_step, args.job_id, args.world_size)
     done = threading.Event()
     threading.Thread(target=_wait_for_eof, args=(done,), daemon=True).start()
-    follow(relay, done)
+    # A thread per tracker: one that blocks (W&B online without a network waits in init) holds
+    # up none of the others; rank 0 ends the process after track.flush_s whatever it waits on.
+    shared = SharedState(RunPaths.at(args.run_dir).root)
+    threads = [threading.Thread(target=follow, name=f"relay-{name}", daemon=True,
+                                args=(Relay(args.run_dir, cfg, args.restart, args.resume_step,
+                                            args.job_id, args.world_size, [name], shared), done))
+               for name in cfg.track.trackers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return exits.OK
 
 

@@ -122,3 +122,20 @@ def test_an_enabled_tracker_without_its_package_is_refused_before_any_work(tmp_p
     assert "track.wandb.mode=offline needs the Python package(s) wandb" in out.stderr
     assert "pip install 'telepathy[wandb]'" in out.stderr
     assert not (run_dir / "events.jsonl").exists()  # nothing started
+
+
+def test_a_tracker_without_its_network_blocks_no_other_tracker_and_no_step(tmp_path, reference):
+    """W&B online with its server unreachable (a closed port on this machine): its init waits,
+    then fails; TensorBoard, in its own thread of the relay, gets every step meanwhile; the
+    run's losses are the uninterrupted run's, bit for bit."""
+    run_dir = tmp_path / "run"
+    env = {"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5",
+           "WANDB_API_KEY": "0" * 40}
+    assert support.run(run_dir, 1, ["track.tensorboard=true", "track.wandb.mode=online"],
+                       env=env) == 0, support.log_text(run_dir)
+    assert_same_losses(run_dir, reference(1))
+    failed, = support.events(run_dir, "tracker_failed")
+    assert failed["tracker"] == "wandb" and "127.0.0.1:9" in failed["error"], failed
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 61))
