@@ -34,8 +34,7 @@ class RelayProcess:
         if self.popen.poll() is not None or self.popen.stdin is None or self.popen.stdin.closed:
             return
         try:
-            if self.popen.stdin is not None:
-                self.popen.stdin.close()
+            self.popen.stdin.close()
         except OSError:
             pass
         if not proc.wait(self.popen, self.flush_s):

@@ -309,9 +309,14 @@ def tracker_relay(cfg: Config, paths: RunPaths, dist: Dist, restart: int, resume
         return None
     from ..track.process import RelayProcess
 
-    (paths.root / "track").mkdir(parents=True, exist_ok=True)
-    relay = RelayProcess.start(paths.root, restart, resume_step, job_id, dist.world_size,
-                               cfg.track.flush_s, paths.root / "track" / "relay.log")
+    try:
+        (paths.root / "track").mkdir(parents=True, exist_ok=True)
+        relay = RelayProcess.start(paths.root, restart, resume_step, job_id, dist.world_size,
+                                   cfg.track.flush_s, paths.root / "track" / "relay.log")
+    except OSError as exc:  # trackers never stop training: the next allocation sends it all
+        log.warning("could not start the tracker relay (%s); this allocation trains without "
+                    "it, the next one (or `telepathy track sync`) sends its steps", exc)
+        return None
     log.info("tracker relay pid %d: %s (its log: %s)", relay.popen.pid,
              ", ".join(cfg.track.trackers), paths.root / "track" / "relay.log")
     return relay
