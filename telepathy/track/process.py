@@ -4,6 +4,8 @@ closed, then at most `track.flush_s` to finish) when training ends."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,18 +30,23 @@ class RelayProcess:
             cmd += ["--job-id", str(job_id)]
         return cls(proc.spawn(cmd, log_path, stdin_pipe=True), flush_s)
 
-    def stop(self) -> None:
-        """Let the relay send what is left, for at most flush_s; then it is killed (the next
-        allocation sends the rest). Once: later calls return at once."""
+    def stop(self, budget_s: float | None = None) -> None:
+        """Let the relay send what is left, for at most `budget_s` (default flush_s); then it
+        and its children (wandb-core) are killed, and the next allocation sends the rest. Once:
+        later calls return at once."""
         if self.popen.poll() is not None or self.popen.stdin is None or self.popen.stdin.closed:
             return
         try:
             self.popen.stdin.close()
         except OSError:
             pass
-        if not proc.wait(self.popen, self.flush_s):
-            log.warning("the tracker relay (pid %d) did not finish within track.flush_s=%g s; "
-                        "stopped: the next allocation (or `telepathy track sync`) sends the rest",
-                        self.popen.pid, self.flush_s)
-            self.popen.kill()
+        budget = self.flush_s if budget_s is None else budget_s
+        if not proc.wait(self.popen, budget):
+            log.warning("the tracker relay (pid %d) did not finish within %g s (track.flush_s="
+                        "%g); stopped: the next allocation (or `telepathy track sync`) sends the "
+                        "rest", self.popen.pid, budget, self.flush_s)
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)  # its own session: wandb-core too
+            except OSError:
+                self.popen.kill()
             proc.wait(self.popen, 5)

@@ -164,7 +164,8 @@ class Relay:
             sink = SINKS[name]()
             self.sinks[name] = Faulty(sink) if name == fault else sink
             entry = self.state.setdefault(name, {})
-            ctx = Context(self.paths.root, config, self.cfg.track, self.resume_step, entry)
+            ctx = Context(self.paths.root, config, self.cfg.track, self.resume_step, entry,
+                          persist=lambda: self.shared.save(self.state))
             hwm = self._call(name, "open", ctx)
             if name not in self.sinks:
                 continue
@@ -174,7 +175,8 @@ class Relay:
             log.info("tracker %s: %s; it holds steps up to %d, the run's values are final up to "
                      "step %d%s", name, sink.where(), hwm, self.resume_step,
                      f"; steps {self.resume_step + 1}-{hwm} are trained again and keep the values "
-                     "it holds (equal bit for bit: an exact resume; only step times differ)"
+                     "it holds (an exact resume gives the same losses; only step times differ, "
+                     "and after a world-size change the losses by rounding)"
                      if skipped else "")
             self.events_log.emit(Event.TRACKING, tracker=name, where=sink.where(), hwm=hwm,
                                  resume_step=self.resume_step, skipped=skipped)
@@ -186,7 +188,8 @@ class Relay:
         final = last_per_step([r for r in earlier if r.get("step", 0) <= self.resume_step])
         events = self.events.read()
         self.events_seen = len(events)
-        self.finished = any(e.get("event") == Event.FINISHED for e in events)
+        for event in events:
+            self._note_end(event)
         for name in list(self.sinks):
             sink = self.sinks[name]
             purge = getattr(sink, "purge_from", None)
@@ -202,6 +205,11 @@ class Relay:
         self._live([r for r in rows if r.get("restart") == self.restart])
         self.flush()
 
+    def _note_end(self, event: dict[str, Any]) -> None:
+        """Whether the run has finished: its newest launch, preemption or finish says."""
+        if event.get("event") in (Event.FINISHED, Event.LAUNCH, Event.PREEMPTED, Event.ERROR):
+            self.finished = event.get("event") == Event.FINISHED
+
     def _give_event(self, name: str, event: dict[str, Any], step: int) -> None:
         note = records.note(event)
         scalars = records.save_scalars(event)
@@ -214,8 +222,7 @@ class Relay:
         self._live(self.metrics.read())
         new = self.events.read()
         for event in new:
-            if event.get("event") == Event.FINISHED:
-                self.finished = True
+            self._note_end(event)
             step = records.event_step(event, self.current)
             for name in list(self.sinks):
                 self._give_event(name, event, step)
@@ -266,23 +273,46 @@ class Relay:
 
 
 def follow(relay: Relay, done: threading.Event) -> None:
-    relay.open()
-    last_flush = time.monotonic()
-    while not done.wait(0.5):
-        relay.pump()
-        if time.monotonic() - last_flush >= FLUSH_EVERY_S:
-            relay.flush()
-            last_flush = time.monotonic()
-    relay.close()
+    try:
+        relay.open()
+        last_flush = time.monotonic()
+        while not done.wait(0.5):
+            relay.pump()
+            if time.monotonic() - last_flush >= FLUSH_EVERY_S:
+                relay.flush()
+                last_flush = time.monotonic()
+        relay.close()
+    except Exception as exc:  # noqa: BLE001 (the relay's own failure, e.g. a full disk)
+        log.warning("tracker relay %s stopped: %s: %s; the next allocation (or `telepathy track "
+                    "sync`) sends the rest", ",".join(relay.trackers), type(exc).__name__, exc)
+        for name in list(relay.sinks):
+            relay._call(name, "close", relay.finished)
 
 
-def _wait_for_eof(done: threading.Event) -> None:
+def _wait_for_eof(done: threading.Event, deadline_s: float) -> None:
     try:
         while sys.stdin.buffer.read(4096):
             pass
     except OSError:
         pass
     done.set()
+    # Rank 0 gone (or done): finish within the deadline whatever a tracker waits on. Rank 0
+    # kills the relay itself after track.flush_s; this covers a rank 0 that died without it.
+    timer = threading.Timer(deadline_s, lambda: os._exit(exits.HUNG))
+    timer.daemon = True
+    timer.start()
+
+
+def _preimport(trackers: list[str]) -> None:
+    """Import the trackers' packages one after another before their threads start (three
+    threads importing torch, wandb and mlflow at once can meet in an import lock)."""
+    modules = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb",
+               "mlflow": "mlflow.entities"}
+    for name in trackers:
+        try:
+            __import__(modules[name])
+        except Exception:  # noqa: BLE001 (its thread fails on it, with a tracker_failed event)
+            pass
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -301,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(0)
     cfg = load_config(RunPaths.at(args.run_dir).config)
+    _preimport(cfg.track.trackers)
     done = threading.Event()
-    threading.Thread(target=_wait_for_eof, args=(done,), daemon=True).start()
+    threading.Thread(target=_wait_for_eof, args=(done, cfg.track.flush_s + 30), daemon=True).start()
     # A thread per tracker: one that blocks (W&B online without a network waits in init) holds
     # up none of the others; rank 0 ends the process after track.flush_s whatever it waits on.
     shared = SharedState(RunPaths.at(args.run_dir).root)

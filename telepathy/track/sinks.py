@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ class Context:
     resume_step: int
     state: dict[str, Any] = field(default_factory=dict)
     """This sink's entry of track/state.json (run ids, hwm), updated in place."""
+    persist: Callable[[], None] = lambda: None
+    """Write track/state.json now (a run id, the moment it exists: a relay killed later must
+    not make the next allocation open a second tracker run)."""
 
 
 class Sink:
@@ -147,11 +151,14 @@ class Wandb(Sink):
 
             run_id = ctx.state["run_id"] = "".join(
                 secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+            ctx.persist()
         self.mode = cfg.mode
         self.wandb_dir = ctx.run_dir / "wandb"
-        hwm = int(ctx.state.get("hwm", 0))
+        # What W&B holds, from W&B itself: a logged step may still have been queued in
+        # wandb-core when the relay was killed, so track/state.json cannot tell.
+        hwm = 0
         if self.mode == "offline" and self.wandb_dir.is_dir():
-            hwm = max([hwm, *wandb_offline_steps(self.wandb_dir, run_id)])
+            hwm = max([0, *wandb_offline_steps(self.wandb_dir, run_id)])
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, id=run_id, name=cfg.run_name or ctx.run_dir.name,
             tags=cfg.tags or None, mode=cfg.mode, dir=str(ctx.run_dir),
@@ -187,6 +194,10 @@ class Wandb(Sink):
             self.step(self.current, {}, [])
 
     def close(self, finished: bool) -> None:
+        if (self.pending or self.pending_notes) and self.logged_here:
+            self.step(self.current, {}, [])  # merges into the row logged last
+        # (Without a row of its own this allocation cannot place them: a step W&B already holds
+        # would appear twice across the offline files. They stay in events.jsonl.)
         self.run.finish(exit_code=0 if finished else 1)
 
     def where(self) -> str:
@@ -225,6 +236,7 @@ class Mlflow(Sink):
                                        tags={"telepathy.run_dir": str(ctx.run_dir)}).info.run_id
             ctx.state["run_id"] = run_id
             ctx.state["tracking_uri"] = self.uri
+            ctx.persist()
         self.run_id = run_id
         client.update_run(run_id, status="RUNNING")
         held = client.get_run(run_id).data.params
@@ -239,13 +251,15 @@ class Mlflow(Sink):
         self.notes_sent = len(self.notes)
         self.buffer: list[Any] = []
         self.ctx = ctx
-        return max([int(ctx.state.get("hwm", 0)), *steps])
+        return max([0, *steps])  # what MLflow holds, from MLflow itself
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.buffer += [Metric(k, v, now, step) for k, v in scalars.items()]
+        group = [Metric(k, v, now, step) for k, v in scalars.items()]
+        if group:
+            self.buffer.append(group)
 
     def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
         self.extra(step, scalars, notes)
@@ -255,10 +269,15 @@ class Mlflow(Sink):
         self.notes += notes
 
     def flush(self) -> None:
-        # One transaction per batch (a few seconds of steps), not one per step.
+        # One transaction per batch (a few seconds of steps), not one per step; a step's metrics
+        # never split across two (what MLflow holds is whole steps, read back by train/loss).
         while self.buffer:
-            self.client.log_batch(self.run_id, metrics=self.buffer[:BATCH_METRICS])
-            self.buffer = self.buffer[BATCH_METRICS:]
+            batch: list[Any] = []
+            while self.buffer and len(batch) + len(self.buffer[0]) <= BATCH_METRICS:
+                batch += self.buffer.pop(0)
+            if not batch:  # one step with more than BATCH_METRICS metrics
+                batch = self.buffer.pop(0)
+            self.client.log_batch(self.run_id, metrics=batch)
         if len(self.notes) != self.notes_sent:
             self.client.log_text(self.run_id, "\n".join(self.notes) + "\n", "telepathy/events.txt")
             self.notes_sent = len(self.notes)

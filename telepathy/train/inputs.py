@@ -46,6 +46,20 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard",), "wandb": ("wandb",),
 two); `pip install 'telepathy[<tracker>]'` installs them."""
 
 
+WANDB_AT_LEAST = (0, 28)
+
+
+def _version(package: str) -> tuple[int, ...]:
+    import importlib.metadata
+    import re
+
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -59,6 +73,12 @@ def check_trackers(cfg: Config) -> None:
     """An enabled tracker whose package is missing is refused before any distributed work."""
     for name in cfg.track.trackers:
         missing = [m for m in TRACKER_MODULES[name] if not _installed(m)]
+        if name == "wandb" and not missing and _version("wandb") < WANDB_AT_LEAST:
+            raise TelepathyError(
+                f"track.wandb.mode={cfg.track.wandb.mode} needs wandb >= "
+                f"{'.'.join(map(str, WANDB_AT_LEAST))} (its `wandb leet inspect` reads the offline "
+                f"runs back); {sys.executable} has {'.'.join(map(str, _version('wandb')))}: pip "
+                "install -U 'telepathy[wandb]'")
         if missing:
             key = {"tensorboard": "track.tensorboard=true", "wandb": f"track.wandb.mode="
                    f"{cfg.track.wandb.mode}", "mlflow": "track.mlflow.enabled=true"}[name]

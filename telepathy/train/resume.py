@@ -142,7 +142,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                           layout, checkpoints, flag, run_logs.metrics, run_logs.events,
                           info, faults, time_left=lambda: phases.time_left(slurm), dump=dump,
                           watchdog=dog, carry=carry, switches=switches,
-                          before_exit=relay.stop if relay is not None else lambda: None)
+                          before_exit=relay.stop if relay is not None else lambda budget_s: None)
         dump.after_load(engine, dist, start.step)
         return trainer.run(start.step, start.train_time_s, start.samples_seen)
 

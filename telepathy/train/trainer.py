@@ -33,6 +33,11 @@ from .saving import Action, Boundary, decide, step_save, time_due
 log = logging.getLogger(__name__)
 
 
+EXIT_MARGIN_S = 20.0
+"""Seconds kept, after a preemption signal, between the relay's last flush and SLURM's end of
+the job: srun's teardown and the requeue step."""
+
+
 @dataclass
 class RunInfo:
     """Facts about this allocation that go into every metric and checkpoint."""
@@ -62,7 +67,7 @@ class Trainer:
                  dump: StateDump = StateDump(), watchdog: Progress = NoWatchdog(),
                  carry: Callable[[Layout, int, BaseException], None] | None = None,
                  switches: list[tuple[int, Layout]] = (),
-                 before_exit: Callable[[], None] = lambda: None):
+                 before_exit: Callable[[float], None] = lambda budget_s: None):
         self.cfg = cfg
         self.dist = dist
         self.steps = steps
@@ -82,8 +87,8 @@ class Trainer:
         """Across ranks (world > 1): record the smaller layout for the next allocation (and an
         `oom` event) before this rank leaves; None: such an error is raised."""
         self.before_exit = before_exit
-        """Rank 0's last work before the ranks leave together: the tracker relay's flush, at most
-        track.flush_s (the other ranks wait for it in the last barrier)."""
+        """Rank 0's last work before the ranks leave together, given the most seconds it may
+        take: the tracker relay's flush (the other ranks wait for it in the last barrier)."""
         self.switches = dict(switches)
         """Layouts carried from earlier allocations, by the (1-based) step they start at."""
         self.train_time_s = 0.0
@@ -265,10 +270,17 @@ class Trainer:
             self.events.emit(Event.FINISHED, step=step)
             log.info("run finished at step %d", step)
             code = exits.FINISHED
-        # Every rank may wait this long for rank 0's last work below.
+        # Every rank may wait this long for rank 0's last work below; after a preemption signal
+        # no longer than SLURM leaves, less a margin for the requeue step (the next allocation
+        # sends what the relay did not).
+        budget = self.cfg.track.flush_s
+        if action is Action.PREEMPT and self.dist.is_main:
+            left = self.time_left()
+            if left is not None:
+                budget = max(0.0, min(budget, left - EXIT_MARGIN_S))
         self.watchdog.expect("leaving: waiting for rank 0's tracker relay",
                              self.cfg.track.flush_s + 5 if self.cfg.track.enabled else None)
-        self.before_exit()
+        self.before_exit(budget)
         self.dist.barrier()  # leave together: srun stops the others when one rank exits
         return code
 

@@ -130,13 +130,16 @@ def summarize(config: dict[str, Any] | None, metrics: list[dict[str, Any]],
     step_time = statistics.median(r["step_time_s"] for r in recent) if recent else None
     losses = [(s, by_step[s]["loss"]) for s in steps]
     saves = of_kind(events, Event.CHECKPOINT_SAVED)
-    updates = [r.get("time", 0.0) for r in metrics[-1:]] + [e.get("time", 0.0) for e in events[-1:]]
+    relay = (Event.TRACKING, Event.TRACKER_FAILED)  # the tracker relay's, not the run's
+    run_events = [e for e in events if e.get("event") not in relay]
+    updates = [r.get("time", 0.0) for r in metrics[-1:]] + \
+        [e.get("time", 0.0) for e in run_events[-1:]]
     last_update = max(updates) if updates else None
     markers = [{"step": a.end_step, "kind": "stopped", "cause": a.ended, "allocation": a.index}
                for a in allocs if a.ended not in ("finished", "running")]
     markers += [{"step": a.start_step, "kind": "resumed", "allocation": a.index} for a in allocs[1:]]
     markers.sort(key=lambda m: (m["step"], m["kind"] != "stopped"))
-    kinds = [e.get("event") for e in events]
+    kinds = [e.get("event") for e in run_events]
     if not allocs:
         state = "new"
     elif Event.REQUEUE_REFUSED in kinds[-3:]:

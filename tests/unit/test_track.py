@@ -60,7 +60,9 @@ def history(run_dir):
         {"event": "start", "step": 0, "restart": 0, "time": 1},
         {"event": "checkpoint_saved", "step": 5, "restart": 0, "bytes": 10, "stall_s": 0.1,
          "seconds": 0.2, "time": 2},
-        {"event": "resume", "step": 5, "restart": 1, "checkpoint": "step_00000005", "time": 3}])
+        {"event": "hang", "step": 7, "restart": 0, "rank": 1, "idle_s": 30, "where": "step 8",
+         "time": 3},
+        {"event": "resume", "step": 5, "restart": 1, "checkpoint": "step_00000005", "time": 4}])
 
 
 CFG = config_from_dict({"track": {"mlflow": {"enabled": True}}})
@@ -93,10 +95,11 @@ def test_a_purging_tracker_gets_the_purged_steps_and_notes_again(tmp_path, fake)
     history(tmp_path)
     fake.held, fake.purge = 7, True  # TensorBoard: purged from step 6 on
     r = relay.Relay(tmp_path, CFG, restart=1, resume_step=5)
-    r.state = {"mlflow": {"events": 3}}  # every event was given before
+    r.state = {"mlflow": {"events": 4}}  # every event was given before
     r.open()
     assert [s for kind, s, _ in fake.calls if kind == "step"] == [6, 7, 8]
-    assert [c for c in fake.calls if c[0] == "extra"] == []  # no event at step >= 6
+    # the purge removed the hang's note at step 7: given again; the others stay given
+    assert [c[:2] for c in fake.calls if c[0] == "extra"] == [("extra", 7)]
 
 
 def test_a_tracker_that_raises_is_dropped_once_with_an_event(tmp_path, fake, monkeypatch):
@@ -118,3 +121,21 @@ def test_notes_name_the_events_an_operator_looks_for():
     assert records.note({"event": "checkpoint_started", "step": 3}) is None
     assert records.step_scalars({"loss": 1.5, "lr": 0.1, "restart": 2, "job_id": "7"}) == \
         {"train/loss": 1.5, "train/lr": 0.1, "run/restarts": 2.0}
+
+
+def test_the_relays_events_leave_a_runs_state_as_it_was():
+    from telepathy.watch.runview import summarize
+
+    events = [{"event": "launch", "restart": 0, "time": 1, "job_id": "7"},
+              {"event": "start", "step": 0, "restart": 0, "time": 2},
+              {"event": "error", "restart": 0, "time": 3, "error": "X", "message": "m"},
+              {"event": "requeue_refused", "restart": 0, "time": 4, "reason": "crash loop"}]
+    relay_events = [{"event": "tracking", "restart": 1, "time": 50, "tracker": t, "where": t}
+                    for t in ("tensorboard", "wandb", "mlflow")]
+    metrics = [{"step": 1, "loss": 1.0, "restart": 0, "time": 2.5, "step_time_s": 0.1,
+                "tokens_per_s": 1.0, "lr": 0.1}]
+    before = summarize(None, metrics, events, [], now=60)
+    after = summarize(None, metrics, events + relay_events, [], now=60)
+    assert before.state == after.state == "stopped"
+    assert after.last_update == before.last_update == 4
+    assert after.trackers == {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
