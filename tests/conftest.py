@@ -157,6 +157,26 @@ def cluster(tmp_path_factory):
         c.down()
 
 
+@pytest.fixture(scope="session")
+def cluster2(tmp_path_factory):
+    """This worker's local cluster of two nodes, each slurmd in its own network and UTS
+    namespace (root only: skipped with the reason elsewhere)."""
+    import os
+    import shutil
+
+    from telepathy.slurm.cluster import LocalCluster, free_port_pair
+
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
+        pytest.skip("two nodes need root and iproute2 (network namespaces, a bridge, veth pairs)")
+    c = LocalCluster(tmp_path_factory.mktemp("slurm-nodes"), free_port_pair(), grace_s=30,
+                     nodes=2)
+    c.up()
+    try:
+        yield c
+    finally:
+        c.down()
+
+
 @pytest.fixture
 def process_group():
     """A one-rank gloo process group in this test process."""
