@@ -10,13 +10,13 @@ the median tokens/s of each and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench import write_report
 from telepathy.core import proc
 from telepathy.core.jsonl import read_jsonl
 from telepathy.watch.monitor import SystemMonitor, _Gpus
@@ -66,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_ratio_on_vs_off": round(statistics.median(on) / statistics.median(off), 4),
         "steps": steps, "rounds": rounds,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 

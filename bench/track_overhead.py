@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import write_report
 from telepathy.core import proc
 from telepathy.core.jsonl import read_jsonl
 
@@ -69,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "every_step_sent": all(all(v == steps for v in r["hwm"].values()) for r in on),
         "trackers": ON, "steps": steps, "rounds": rounds,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 
