@@ -6,6 +6,7 @@ on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with g
 - `use_cpu_accelerator`, `init_distributed`: `DS_ACCELERATOR`, and
   `deepspeed.ops.__compatible_ops__` (skip a shared-memory op's JIT build);
 - `skip_muon_import`: the module DeepSpeed imports to ask whether the optimizer is Muon;
+- `import_deepspeed`: `import deepspeed` without its autotuner's optional `import mlflow`;
 - `universal_command`, `LATEST_UNIVERSAL`: the command line of DeepSpeed's `ds_to_universal` and
   the pointer file it leaves;
 - `install_checkpoint_engine`, `zipped_serialization`: the checkpoint-engine hook
@@ -68,12 +69,32 @@ def skip_muon_import() -> bool:
     return True
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the `import mlflow` its autotuner tries at import time.
+
+    DeepSpeed (0.19.8) imports mlflow, when it is installed, only so that its autotuner can log
+    to it; telepathy never runs the autotuner, and its MLflow tracker lives in the relay
+    process. With mlflow installed (the `[mlflow]` extra) that import costs ~0.6 s of CPU on
+    every rank at every start. The autotuner's own `try: import mlflow` then finds none, as
+    where mlflow is not installed. A process that imported mlflow already keeps it."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this stands
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
 def init_distributed(backend: str, timeout_s: float | None = None) -> None:
     """Start DeepSpeed's process group (the variables it reads must be set); `timeout_s` bounds
     every collective (DeepSpeed's default: 600 s)."""
     from datetime import timedelta
 
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     # A shared-memory collective that JIT-compiles for ~46 s and changes nothing for gloo.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -120,6 +141,7 @@ def install_checkpoint_engine(engine: Any, save: Callable[[Any, str], None],
     """Make `engine.save_checkpoint` hand each file's state to `save(state_dict, path)` instead of
     writing it, and `engine.load_checkpoint` read each file with `load(path, map_location)`
     (default: torch.load; the files were verified before)."""
+    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     class TelepathyCheckpointEngine(CheckpointEngine):
@@ -187,6 +209,7 @@ def fp32_weights(ckpt: Path, lazy: bool = True) -> dict[str, Any]:
     """DeepSpeed's `zero_to_fp32` consolidation of a checkpoint directory's fp32 master weights,
     by parameter name. Lazy: each value gathers its parameter from the memory-mapped optimizer
     files of every rank only when `materialize` is called on it."""
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -240,7 +263,7 @@ def full_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Collective under ZeRO-3: every trained parameter's full fp32 weight and Adam moments,
     every frozen one's weight (`<name>/frozen`, in the training dtype), and the optimizer's
     group hyperparameters and Adam steps as metadata."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     tensors = {}

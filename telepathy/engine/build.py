@@ -103,7 +103,7 @@ def model_config(cfg: Config, dtype: torch.dtype):
 def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
                  load_universal: bool = False):
     """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
-    import deepspeed
+    deepspeed = adapter.import_deepspeed()
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 

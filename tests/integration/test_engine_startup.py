@@ -1,6 +1,8 @@
 """What the engine's start-up skips, checked in a fresh interpreter (a module import is
 process-wide): DeepSpeed's Muon optimizer module, which compiles kernels on import only to
-answer "is the optimizer Muon?", stands in as a class nothing is an instance of."""
+answer "is the optimizer Muon?", stands in as a class nothing is an instance of; DeepSpeed's
+autotuner does not import mlflow (installed with the `[mlflow]` extra) into every rank, and the
+process can still import it."""
 
 import subprocess
 import sys
@@ -12,7 +14,10 @@ import sys, torch
 from telepathy.engine import adapter
 adapter.use_cpu_accelerator()
 assert adapter.skip_muon_import() and not adapter.skip_muon_import()  # once, then left alone
-import deepspeed
+deepspeed = adapter.import_deepspeed()
+from deepspeed.autotuning import autotuner
+assert "mlflow" not in sys.modules and not autotuner.has_mlflow
+import mlflow  # the block is gone once deepspeed is imported
 from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
 assert not isinstance(opt, MuonWithAuxAdam) and "stand-in" in sys.modules[adapter.MUON_MODULE].__doc__
