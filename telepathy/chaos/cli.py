@@ -1,4 +1,5 @@
-"""`telepathy chaos --config C [--faults N] [--seed S] [--kinds k1,k2] [--gpus N] [--json]`."""
+"""`telepathy chaos --config C [--faults N] [--seed S] [--kinds k1,k2] [--gpus N] [--nodes N]
+[--json]`."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of kinds, moments and ranks")
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="comma-separated fault kinds (default: all): " + ", ".join(KINDS))
-    p.add_argument("--gpus", type=int, default=2, help="GPUs (ranks) of the job (default 2)")
+    p.add_argument("--gpus", type=int, default=2,
+                   help="GPUs (ranks) per node of the job (default 2)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes of the job (default 1); above 1 the harness starts a local "
+                        "cluster of that many nodes (root) and node_fail kills one of them")
     p.add_argument("--workdir", default="runs/chaos",
                    help="where the reference, the chaos run and their logs go")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return exits.BAD_INPUT
     try:
         harness = Harness(Options(args.config, args.faults, args.seed, kinds, args.gpus,
-                                  Path(args.workdir), tuple(args.set), args.pace_s))
+                                  Path(args.workdir), tuple(args.set), args.pace_s,
+                                  nodes=args.nodes))
         result = harness.run()
     except (TelepathyError, ValueError, FaultError) as exc:
         print(f"telepathy chaos: {exc}", file=sys.stderr)

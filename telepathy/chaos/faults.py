@@ -277,11 +277,14 @@ def disk_full(target: Target) -> Injected:
 
 
 def node_fail(target: Target) -> Injected:
-    """Kill the node's slurmd and every process of the job (its step daemons, batch shell and
-    ranks) with SIGKILL; once SLURM marks the node down, start slurmd again."""
+    """Kill a node's slurmd and every process of the job on it (its step daemons, batch shell
+    and ranks) with SIGKILL; once SLURM marks the node down, start slurmd again. On a cluster
+    of several nodes: one of the job's nodes, every process on it."""
     cluster = target.cluster
     if cluster is None:
         raise FaultError("node_fail needs the project's local cluster (its slurmd is restarted)")
+    if cluster.nodes > 1:
+        return _fail_one_of_the_nodes(target, cluster)
     victims = [psutil.Process(int((cluster.state_dir / "slurmd.pid").read_text()))]
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -305,6 +308,37 @@ def node_fail(target: Target) -> Injected:
 
     return Injected(at, None, f"slurmd and {len(victims) - 1} processes of the job killed",
                     after=node_back)
+
+
+def _fail_one_of_the_nodes(target: Target, cluster: LocalCluster) -> Injected:
+    nodelist = scontrol.show_job(target.job_id, env=target.env).get("NodeList", "")
+    nodes = proc.run(["scontrol", "show", "hostnames", nodelist], timeout=30,
+                     env=target.env).stdout.split()
+    if not nodes:
+        raise FaultError(f"job {target.job_id} holds no node now (NodeList={nodelist!r})")
+    node = target.rng.choice(nodes)
+    ranks = {r for r, p in target.ranks().items() if _on(cluster, node, p.pid)}
+    at = time.time()
+    killed = cluster.fail_node(node)
+
+    def node_back(t: Target) -> None:
+        cluster.up()
+
+    return Injected(at, min(ranks) if ranks else None,
+                    f"node {node} of {nodelist}: its slurmd and {killed - 1} other processes "
+                    f"killed (rank(s) {sorted(ranks)})", after=node_back)
+
+
+def _on(cluster: LocalCluster, node: str, pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") == _netns_of(cluster, node)
+    except OSError:
+        return False
+
+
+def _netns_of(cluster: LocalCluster, node: str) -> str | None:
+    pids = cluster.node_pids(node)
+    return os.readlink(f"/proc/{pids[0]}/ns/net") if pids else None
 
 
 def node_down(target: Target, since: float) -> float | None:

@@ -80,6 +80,9 @@ class Options:
     """Each step of both jobs is padded by this sleep (TELEPATHY_FAULT step.start sleep), so
     that the tiny model's 30 ms steps leave room for faults at random moments; no effect on
     the numbers."""
+    nodes: int = 1
+    """Nodes of the job, each with `gpus` ranks; above 1 the harness's own local cluster has
+    that many nodes (network namespaces, root), and node_fail kills one of them."""
     last: tuple[str, ...] = ()
     """Kinds placed after every other one in each shuffled round. A short run that must see
     every fault detected puts node_fail here: once its node is back, SLURM has been seen to
@@ -180,7 +183,12 @@ class Harness:
             raise ValueError(f"unknown fault kind(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(KINDS)}")
         self.schedule = self.seeded_schedule()
-        if opts.gpus < 2 and {"rank_hang", "oom_one_rank"} & set(self.schedule):
+        if opts.nodes < 1 or opts.gpus < 1:
+            raise ValueError(f"--nodes {opts.nodes} --gpus {opts.gpus}: give 1 or more of each")
+        if opts.nodes > 1 and os.geteuid() != 0:
+            raise ValueError(f"--nodes {opts.nodes}: a local cluster of several nodes needs root "
+                             "(network namespaces); run as root, or --nodes 1")
+        if opts.nodes * opts.gpus < 2 and {"rank_hang", "oom_one_rank"} & set(self.schedule):
             raise ValueError("rank_hang and oom_one_rank need --gpus 2 or more: a stopped rank "
                              "is noticed by another, and one rank alone retries an "
                              "out-of-memory step in place")
@@ -207,7 +215,8 @@ class Harness:
             self.log(f"using the cluster of SLURM_CONF={conf}" +
                      ("" if self.cluster else " (not the project's: no node_fail)"))
             return
-        self.cluster = LocalCluster(self.work / "slurm", free_port_pair(), grace_s=30).up()
+        self.cluster = LocalCluster(self.work / "slurm", free_port_pair(), grace_s=30,
+                                    nodes=self.opts.nodes).up()
         self.owned = True
         self.env = self.cluster.env()
         self.log(f"local cluster up: export SLURM_CONF={self.cluster.conf}")
@@ -227,7 +236,7 @@ class Harness:
                "TELEPATHY_PYTHON": sys.executable, **(extra_env or {})}
         if self.opts.pace_s > 0 and pace:
             env["TELEPATHY_FAULT"] = f"step.start@*,sleep={self.opts.pace_s}"
-        args = [*sbatch_args(self.cfg, self.opts.gpus), f"--job-name=chaos-{name}",
+        args = [*sbatch_args(self.cfg, self.opts.gpus, self.opts.nodes), f"--job-name=chaos-{name}",
                 f"--output={self.work}/{name}.out", f"--error={self.work}/{name}.err"]
         job = scontrol.sbatch(str(job_script()), args, env=env, cwd=os.getcwd())
         self.jobs.append(job)
@@ -271,8 +280,8 @@ class Harness:
         started = time.time()
         ref_dir = self.work / "reference"
         ref_job = self.submit("reference", ref_dir, {})
-        self.log(f"reference job {ref_job}: {self.cfg.train.steps} steps on {self.opts.gpus} "
-                 "GPU(s)")
+        self.log(f"reference job {ref_job}: {self.cfg.train.steps} steps on {self.opts.nodes} "
+                 f"node(s) x {self.opts.gpus} GPU(s)")
 
         def reference_losses() -> dict[int, dict]:
             state, _ = self.wait_end(ref_job, 60 + 2 * self.cfg.train.steps)
@@ -345,7 +354,8 @@ class Harness:
             "resumable_always": all(r.resumable for r in records) and not sampler.bad,
             "resumable_samples": sampler.samples,
             "job_id": job, "job_state": state, "restarts": restarts,
-            "world_size": self.opts.gpus, "steps": self.cfg.train.steps, "seed": self.opts.seed,
+            "world_size": self.opts.nodes * self.opts.gpus, "nodes": self.opts.nodes,
+            "steps": self.cfg.train.steps, "seed": self.opts.seed,
             "kinds": list(self.opts.kinds), "config": self.opts.config,
             "hang_timeout_s": self.cfg.train.hang_timeout_s,
             "wall_s": round(time.time() - started, 1),

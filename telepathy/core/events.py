@@ -82,7 +82,7 @@ EVENTS: dict[Event, tuple[str, str]] = {
     Event.SAVE_DEADLINE_RISK: ("recent saves took longer than SLURM leaves the job",
                                "step, expected_save_s, time_left_s"),
     Event.PREEMPTED: ("saved after a signal; the process exits with preemption.exit_code",
-                      "step, exit_code"),
+                      "step, exit_code, heard (per rank: host, the signal it received or null)"),
     Event.FINISHED: ("the run reached train.steps", "step"),
     Event.ERROR: ("the training process failed", "error, message"),
     Event.ALLOCATION_END: ("the requeue step (job script, launch teardown, local rank 0) saw the "

@@ -35,14 +35,16 @@ FOLDER = "submitit"
 
 
 def submit(config: str | Path | Config, run_dir: str | Path, *, gpus: int | str | None = None,
-           executor: str = "slurm", overrides: Sequence[str] = (), force: bool = False,
-           **slurm_params: Any) -> Any:
+           nodes: int = 1, executor: str = "slurm", overrides: Sequence[str] = (),
+           force: bool = False, **slurm_params: Any) -> Any:
     """Start or resume the run in `run_dir` as a submitit job; the `submitit.Job`.
 
     `config`: a YAML path or a loaded Config; `overrides`: `section.key=value` as for `--set`;
     `gpus`: 1-4, "auto" (the count that finishes soonest, as `telepathy plan --slurm` decides)
-    or None (slurm.gpus_per_node); `executor`: "slurm", "local" (no SLURM: this machine, with
-    submitit's time limit and restarts) or "debug" (in this process, at `job.results()`);
+    or None (slurm.gpus_per_node), per node; `nodes`: how many nodes (slurm executor), each
+    running one rank per GPU (`nodes x gpus` ranks); `executor`: "slurm", "local" (no SLURM:
+    this machine, with submitit's time limit and restarts) or "debug" (in this process, at
+    `job.results()`);
     `slurm_params` pass through to the executor's `update_parameters`. Bad input raises a
     TelepathyError (the message `telepathy resume` would give) before anything is queued.
     `job.results()[0]` is rank 0's summary once the run has finished, after any number of
@@ -52,8 +54,9 @@ def submit(config: str | Path | Config, run_dir: str | Path, *, gpus: int | str 
         raise TelepathyError(f"executor={executor!r}: choose one of {', '.join(EXECUTORS)}")
     cfg = _config(config, overrides)
     run_dir = Path(run_dir).absolute()
+    nodes = choose_nodes(nodes, executor, gpus)
     count = choose_gpus(cfg, gpus, run_dir, executor)
-    check_inputs(cfg, DistEnv(0, count, 0, "127.0.0.1", None, f"submitit-{executor}"))
+    check_inputs(cfg, DistEnv(0, nodes * count, 0, "127.0.0.1", None, f"submitit-{executor}"))
     paths = RunPaths.at(run_dir)
     _not_in_use(paths)
     paths.submitted_config.parent.mkdir(parents=True, exist_ok=True)
@@ -63,14 +66,14 @@ def submit(config: str | Path | Config, run_dir: str | Path, *, gpus: int | str 
 
     ex = adapter.executor(executor, folder)
     if executor == "slurm":
-        ex.update_parameters(**slurm_parameters(cfg, count, paths, folder, slurm_params))
+        ex.update_parameters(**slurm_parameters(cfg, count, paths, folder, slurm_params, nodes))
     elif executor == "local":
         ex.update_parameters(**local_parameters(cfg, count, slurm_params))
     training = Training(str(paths.submitted_config), str(run_dir), force)
     with adapter.clean_environment():
         job = ex.submit(training)
-    log.info("submitted %s job %s on %d GPU(s) for %s; submitit folder %s", executor, job.job_id,
-             count, run_dir, folder)
+    log.info("submitted %s job %s on %d node(s) x %d GPU(s) for %s; submitit folder %s",
+             executor, job.job_id, nodes, count, run_dir, folder)
     return job
 
 
@@ -80,6 +83,21 @@ def _config(config: str | Path | Config, overrides: Sequence[str]) -> Config:
     if not isinstance(config, (str, Path)):
         raise TelepathyError(f"config={config!r}: pass a YAML path or a telepathy Config")
     return load_config(config, list(overrides))
+
+
+def choose_nodes(nodes: Any, executor: str, gpus: Any) -> int:
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise TelepathyError(f"nodes={nodes!r}: give a whole number of nodes, 1 or more "
+                             "(a min-max range such as 1-2: sbatch --nodes=1-2 "
+                             "slurm/preemptible.slurm)")
+    if nodes > 1 and executor != "slurm":
+        raise TelepathyError(f"nodes={nodes} with executor={executor!r}: the {executor} executor "
+                             "runs on this machine alone; use executor='slurm', or nodes=1")
+    if nodes > 1 and gpus == "auto":
+        raise TelepathyError(f"gpus='auto' with nodes={nodes}: 'auto' weighs the GPU counts of "
+                             "one node; give gpus=1-4 per node (telepathy plan --slurm --nodes "
+                             f"{nodes} shows the options)")
+    return nodes
 
 
 def choose_gpus(cfg: Config, gpus: int | str | None, run_dir: Path, executor: str) -> int:
@@ -101,7 +119,7 @@ def choose_gpus(cfg: Config, gpus: int | str | None, run_dir: Path, executor: st
 def _auto(cfg: Config, run_dir: Path, executor: str) -> int:
     """The count that finishes soonest: `telepathy plan --slurm`'s choice."""
     from ..plan.cli import options, remaining_steps, wait_for
-    from ..plan.gpucount import Option, recommend
+    from ..plan.gpucount import recommend
 
     opts = options(cfg, run_dir, cfg.placement.gpu_mem_gib)
     if executor == "slurm":
@@ -109,7 +127,7 @@ def _auto(cfg: Config, run_dir: Path, executor: str) -> int:
         for i, o in enumerate(opts):
             if o.plan is not None:
                 wait, why = wait_for(cfg, o.gpus, str(job_script()), [], env)
-                opts[i] = Option(o.gpus, o.plan, why, o.step_s, o.step_source, wait)
+                opts[i] = dataclasses.replace(o, error=why, wait_s=wait)
     else:
         opts = [dataclasses.replace(o, wait_s=0.0) for o in opts]
     best = recommend(opts, remaining_steps(cfg, run_dir))
@@ -135,15 +153,16 @@ def _shell_lines(cfg_path: Path, run_dir: Path) -> list[str]:
 
 
 def slurm_parameters(cfg: Config, gpus: int, paths: RunPaths, folder: Path,
-                     extra: dict[str, Any]) -> dict[str, Any]:
+                     extra: dict[str, Any], nodes: int = 1) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters: what slurm/preemptible.slurm asks for, from the same
-    config fields (JobSpec), its batch-shell lines, and the requeue step after srun."""
-    spec = JobSpec.of(cfg, gpus)
+    config fields (JobSpec), its batch-shell lines, and the requeue step after srun; `gpus`
+    ranks on each of `nodes` nodes."""
+    spec = JobSpec.of(cfg, gpus, nodes)
     extra = dict(extra)
     teardown = (f'exec "$TELEPATHY_PYTHON" -m telepathy.launch.teardown --config "$CONFIG" '
-                f'--run-dir "$RUN_DIR" --folder {shlex.quote(str(folder))} --tasks {gpus} '
+                f'--run-dir "$RUN_DIR" --folder {shlex.quote(str(folder))} --tasks {nodes * gpus} '
                 '--exit-code "$status"')
-    return {"job_name": "telepathy", "nodes": 1, "ntasks_per_node": gpus,
+    return {"job_name": "telepathy", "nodes": nodes, "ntasks_per_node": gpus,
             "gpus_per_node": spec.gres, "partition": spec.partition, "time": spec.time_min,
             "mem_per_gpu": f"{spec.mem_per_gpu_gb}G",
             "setup": [*extra.pop("setup", []), *_shell_lines(paths.submitted_config, paths.root),

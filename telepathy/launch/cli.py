@@ -1,6 +1,7 @@
 """`telepathy launch` (`python -m telepathy.launch`): start or resume a run as a submitit job.
 
     python -m telepathy.launch --config configs/tiny-cpu.yaml --run-dir runs/mine --gpus 2
+    python -m telepathy.launch --config C --run-dir D --nodes 2 --gpus 4     # 8 ranks
     python -m telepathy.launch --config C --run-dir D --executor local --wait
     python -m telepathy.launch --config C --run-dir D --gpus auto --set train.steps=500
 
@@ -31,7 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = run_arguments(argparse.ArgumentParser(
         prog="telepathy launch", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--gpus", default=None, help="1-4, or auto (default: slurm.gpus_per_node)")
+    p.add_argument("--gpus", default=None,
+                   help="1-4 per node, or auto (default: slurm.gpus_per_node)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes, each with --gpus ranks (slurm executor; default 1)")
     p.add_argument("--executor", choices=EXECUTORS, default="slurm")
     p.add_argument("--wait", action="store_true", help="follow the run until the job ends")
     p.add_argument("--interval", type=float, default=5.0, help="--wait refreshes this often (s)")
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from .api import FOLDER, submit
 
     try:
-        job = submit(args.config, args.run_dir, gpus=_gpus(args.gpus), executor=args.executor,
+        job = submit(args.config, args.run_dir, gpus=_gpus(args.gpus), nodes=args.nodes,
+                     executor=args.executor,
                      overrides=args.set, force=args.force)
     except (TelepathyError, CommandError) as exc:
         log.error("%s", exc)

@@ -2,8 +2,10 @@
 Pure: it reads what the scheduler said and what the run measured; it asks nobody.
 
 finish(n) = wait for n GPUs (from `sbatch --test-only`) + start-up + remaining steps x step time(n).
-Step times come from the run's own metrics where it has run at that count, else from the nearest
-measured count scaled by the throughput model, else from the model alone.
+An option is a node count and a GPU count per node: n = nodes x GPUs ranks. Step times come from
+the run's own metrics where it has run at that world size, else from the nearest measured world
+size scaled by the throughput model, else from the model alone (which knows no difference between
+links inside a node and between nodes: one `placement.scaling` factor per doubling).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def parse_test_only(text: str) -> datetime | None:
 @dataclass(frozen=True)
 class Option:
     gpus: int
+    """GPUs (ranks) per node."""
     plan: Plan | None
     """None when no placement exists for this count (see `error`)."""
     error: str | None = None
@@ -41,6 +44,16 @@ class Option:
     """Where step_s came from: "measured", "scaled from N GPUs", or "model"."""
     wait_s: float | None = None
     """Seconds until SLURM would start it; None when not asked or it cannot start."""
+    nodes: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.gpus
+
+    @property
+    def name(self) -> str:
+        return f"{self.gpus} GPU(s)" if self.nodes == 1 else \
+            f"{self.nodes} nodes x {self.gpus} GPU(s)"
 
     def run_s(self, steps: int) -> float | None:
         return None if self.step_s is None else STARTUP_S + steps * self.step_s
@@ -72,9 +85,11 @@ def step_time(gpus: int, shape: ModelShape, tokens_per_step: int, measured: dict
 
 
 def recommend(options: list[Option], steps: int) -> Option | None:
-    """The option that finishes soonest; on a tie (within 1%), the one with fewer GPUs."""
+    """The option that finishes soonest; on a tie (within 1%), the one with fewer GPUs, then
+    the one on fewer nodes."""
     timed = [o for o in options if o.plan is not None and o.finish_s(steps) is not None]
     if not timed:
         return None
     best = min(o.finish_s(steps) for o in timed)
-    return min((o for o in timed if o.finish_s(steps) <= best * 1.01 + 1e-9), key=lambda o: o.gpus)
+    return min((o for o in timed if o.finish_s(steps) <= best * 1.01 + 1e-9),
+               key=lambda o: (o.ranks, o.nodes))

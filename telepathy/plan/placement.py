@@ -16,6 +16,7 @@ from ..core.errors import ConfigError
 from .memory import OFFLOADS, GiB, Memory, ModelShape, zero3_memory
 
 MAX_GPUS = 4
+"""GPUs of one node (one rank each); a job on several nodes has nodes x GPUs ranks."""
 
 
 class PlanError(ConfigError):
@@ -81,7 +82,7 @@ def _global_batch(req: PlanRequest, world: int) -> tuple[int, tuple[str, ...]]:
     if req.allow_nearest_global_batch:
         return nearest, (f"global batch {gb} -> {nearest}: {gb} does not divide over {world} "
                          "GPUs (placement.allow_nearest_global_batch)",)
-    fits = [n for n in range(1, MAX_GPUS + 1) if gb % n == 0]
+    fits = [n for n in range(1, max(MAX_GPUS, world) + 1) if gb % n == 0]
     raise PlanError(
         f"train.global_batch={gb} does not divide over {world} GPUs (it divides over "
         f"{', '.join(map(str, fits))}); the nearest global batches that do are {below} and "
@@ -91,10 +92,11 @@ def _global_batch(req: PlanRequest, world: int) -> tuple[int, tuple[str, ...]]:
 
 
 def plan(req: PlanRequest) -> Plan:
-    """The placement for `req.gpus` GPUs, or a PlanError that says what would work."""
-    if not 1 <= req.gpus <= MAX_GPUS:
-        raise PlanError(f"{req.gpus} GPUs requested: telepathy places a run on 1-{MAX_GPUS} "
-                        "GPUs of one node")
+    """The placement for `req.gpus` GPUs (ranks, on any number of nodes), or a PlanError that
+    says what would work."""
+    if req.gpus < 1:
+        raise PlanError(f"{req.gpus} GPUs requested: a run needs at least 1 rank (1-{MAX_GPUS} "
+                        "GPUs per node, on one node or several)")
     world = req.gpus
     gb, notes = _global_batch(req, world)
     per_rank = gb // world

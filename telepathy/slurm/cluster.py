@@ -59,6 +59,45 @@ class LocalCluster:
         proc.run(["bash", str(local_cluster_scripts() / "down.sh"), str(self.state_dir)],
                  timeout=60, env=self._env())
 
+    # -- the nodes of a cluster of several (namespaces) -----------------------------------------
+    def node_names(self) -> list[str]:
+        """n1..nN of a cluster of several nodes; empty for the one-node cluster."""
+        return [f"n{i}" for i in range(1, self.nodes + 1)] if self.nodes > 1 else []
+
+    def namespace(self, node: str) -> str:
+        """The network namespace of `node` (up.sh's name for it, under /run/netns)."""
+        if node not in self.node_names():
+            raise ValueError(f"node {node!r}: this cluster's nodes are {self.node_names()}")
+        return f"tp{self.port}{node}"
+
+    def node_pids(self, node: str) -> list[int]:
+        """Every process that lives on `node`: its slurmd, step daemons and the jobs' tasks
+        (the processes of its network namespace)."""
+        out = proc.run(["ip", "netns", "pids", self.namespace(node)], timeout=30)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def node_states(self) -> dict[str, str]:
+        """Each node's state as SLURM sees it now ('idle', 'allocated', 'down*', ...)."""
+        out = proc.run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=30, env=self.env()).stdout
+        return dict(line.split() for line in sorted(set(out.splitlines())) if line.strip())
+
+    def fail_node(self, node: str) -> int:
+        """`node` dies: SIGKILL to every process on it, its slurmd first; how many. The
+        controller learns of it as of a real node: its slurmd stops answering (SlurmdTimeout)."""
+        import signal
+
+        pid_file = self.state_dir / f"slurmd-{node}.pid"
+        pids = self.node_pids(node)
+        slurmd = int(pid_file.read_text()) if pid_file.exists() else None
+        killed = 0
+        for pid in sorted(pids, key=lambda p: p != slurmd):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        return killed
+
 
 def free_port_pair() -> int:
     """A free port whose successor is free too (slurmctld's and slurmd's)."""

@@ -39,7 +39,7 @@ echo "telepathy: training step exited with $status; $(date -Is)"
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One node, one rank per GPU, sized from the config's `slurm` section."""
+    """`nodes` nodes, one rank per GPU on each, sized from the config's `slurm` section."""
 
     gpus: int
     gpu_type: str
@@ -50,13 +50,14 @@ class JobSpec:
     signal: str
     """The grace signal's name without SIG (the first of preemption.signals)."""
     signal_lead_s: int
+    nodes: int = 1
 
     @classmethod
-    def of(cls, cfg: Config, gpus: int) -> JobSpec:
+    def of(cls, cfg: Config, gpus: int, nodes: int = 1) -> JobSpec:
         s = cfg.slurm
         return cls(gpus, s.gpu_type, s.partition, s.time_limit_min, s.cpus_per_gpu,
                    s.mem_per_gpu_gb, cfg.preemption.signals[0].removeprefix("SIG"),
-                   s.signal_lead_s)
+                   s.signal_lead_s, nodes)
 
     @property
     def gres(self) -> str:
@@ -67,11 +68,12 @@ class JobSpec:
         return f"{self.signal}@{self.signal_lead_s}"
 
     def sbatch_args(self) -> list[str]:
-        return [f"--gpus-per-node={self.gres}", f"--partition={self.partition}",
+        return [f"--nodes={self.nodes}", f"--gpus-per-node={self.gres}",
+                f"--partition={self.partition}",
                 f"--time={self.time_min}", f"--cpus-per-gpu={self.cpus_per_gpu}",
                 f"--mem-per-gpu={self.mem_per_gpu_gb}G", f"--signal={self.grace_signal}"]
 
 
-def sbatch_args(cfg: Config, gpus: int) -> list[str]:
-    """Options that size the job script for `gpus` GPUs from the config."""
-    return JobSpec.of(cfg, gpus).sbatch_args()
+def sbatch_args(cfg: Config, gpus: int, nodes: int = 1) -> list[str]:
+    """Options that size the job script for `nodes` x `gpus` GPUs from the config."""
+    return JobSpec.of(cfg, gpus, nodes).sbatch_args()

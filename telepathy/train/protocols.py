@@ -27,6 +27,8 @@ class Collective(Protocol):
 
     def barrier(self) -> None: ...
 
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
 
 class Checkpoints(Protocol):
     @property

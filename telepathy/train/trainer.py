@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -264,7 +265,13 @@ class Trainer:
             self.save(step, decision.save, wait=decision.wait)
         self.report_saves()
         if action is Action.PREEMPT:
-            self.events.emit(Event.PREEMPTED, step=step, exit_code=self.cfg.preemption.exit_code)
+            # Which ranks, on which hosts, heard a signal themselves (SLURM signals each node's
+            # tasks through that node's slurmd): asked after the save, when a signal on its way
+            # to another node has long arrived.
+            heard = self.dist.all_gather_object((socket.gethostname(), self.flag.name))
+            self.events.emit(Event.PREEMPTED, step=step, exit_code=self.cfg.preemption.exit_code,
+                             heard=[{"rank": r, "host": host, "signal": name}
+                                    for r, (host, name) in enumerate(heard)])
             code = self.cfg.preemption.exit_code
         else:
             self.events.emit(Event.FINISHED, step=step)

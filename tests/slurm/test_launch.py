@@ -164,6 +164,13 @@ def test_bad_input_raises_before_anything_is_queued(slurm_env, tmp_path):
         telepathy.launch.submit(CONFIG, tmp_path / "run", gpus=5, overrides=SETS)
     with pytest.raises(TelepathyError, match="executor='pbs'"):
         telepathy.launch.submit(CONFIG, tmp_path / "run", executor="pbs")
+    for nodes, kwargs, why in [(0, {}, "nodes=0: give a whole number"),
+                               ("1-2", {}, "sbatch --nodes=1-2"),
+                               (2, {"executor": "local"}, "runs on this machine alone"),
+                               (2, {"gpus": "auto"}, "gpus='auto' with nodes=2")]:
+        with pytest.raises(TelepathyError, match=why):
+            telepathy.launch.submit(CONFIG, tmp_path / "run", nodes=nodes, overrides=SETS,
+                                    **kwargs)
     assert queued() == before
     assert not (tmp_path / "run" / "submitit").exists()
 

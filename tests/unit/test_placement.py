@@ -117,8 +117,7 @@ def test_three_gpus_take_the_nearest_global_batch_when_allowed():
      r"offload needs ~27.8 GiB per GPU"),
     (request("125M", 2, 6, micros=(4,)), "no size in placement.micro_batch_sizes=\\[4\\] divides "
                                          "the per-rank batch 3"),
-    (request("125M", 5, 256), "telepathy places a run on 1-4 GPUs"),
-    (request("125M", 0, 256), "telepathy places a run on 1-4 GPUs"),
+    (request("125M", 0, 256), "a run needs at least 1 rank"),
 ])
 def test_impossible_plans_say_what_would_work(req, match):
     with pytest.raises(PlanError, match=match):
@@ -193,3 +192,36 @@ def test_frozen_parameters_cost_their_weights_only():
     assert b.states == 2 * 500_000 + (2 + 12) * 5_000
     assert (a.step_extra, b.step_extra) == (8 * 500_000, 8 * 5_000)
     assert b.activations == a.activations and lora.parameters == 1_000_000
+
+
+def test_two_nodes_of_four_gpus_are_one_world_of_eight():
+    """A world past one node's 4 GPUs (2 nodes x 4): the same rules, the global batch fixed."""
+    p = plan(request("1.1B", 8, 256))
+    assert p.layout.world_size == 8 and p.global_batch == 256
+    assert p.layout.micro_batch * p.layout.accum == 32
+    with pytest.raises(PlanError, match="does not divide over 6 GPUs \\(it divides over 1, 2, 4\\)"):
+        plan(request("1.1B", 6, 256))
+
+
+def test_plan_weighs_node_counts_and_prefers_fewer_gpus_then_fewer_nodes():
+    """`telepathy plan --nodes 2`: 1-2 nodes x 1-4 GPUs; the soonest finish wins, and on a tie
+    the fewest ranks, then the fewest nodes."""
+    from telepathy.plan.cli import main, options
+    from telepathy.plan.gpucount import Option, recommend
+
+    cfg = load_config(ROOT / "configs" / "llama-1b-h100.yaml")
+    opts = options(cfg, None, 80.0, max_nodes=2)
+    assert [(o.nodes, o.gpus) for o in opts] == [(n, g) for n in (1, 2) for g in (1, 2, 3, 4)]
+    eight = next(o for o in opts if o.ranks == 8)
+    assert eight.plan.layout.world_size == 8 and eight.plan.global_batch == 256
+    assert eight.step_s < next(o for o in opts if (o.nodes, o.gpus) == (1, 4)).step_s
+    # 2 x 2 and 1 x 4 are both four ranks: the same finish, one node wins
+    waited = [dataclasses.replace(o, wait_s=0.0) for o in opts if o.plan is not None]
+    four = [o for o in waited if o.ranks == 4]
+    assert recommend(four, 1000) == next(o for o in four if o.nodes == 1)
+    # the eight ranks of two nodes finish soonest when both start now; not after a long wait
+    assert (recommend(waited, 1000).nodes, recommend(waited, 1000).gpus) == (2, 4)
+    later = [dataclasses.replace(o, wait_s=1e6 if o.nodes == 2 else 0.0) for o in waited]
+    assert (recommend(later, 1000).nodes, recommend(later, 1000).gpus) == (1, 4)
+    assert Option(2, None, nodes=3).name == "3 nodes x 2 GPU(s)"
+    assert main(["--config", str(ROOT / "configs" / "llama-1b-h100.yaml"), "--nodes", "0"]) == 2

@@ -28,6 +28,9 @@ class FakeDist:
     def barrier(self):
         pass
 
+    def all_gather_object(self, obj):
+        return [obj]
+
 
 @dataclass
 class FakeFlag:
