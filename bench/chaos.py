@@ -1,7 +1,9 @@
 """The chaos soak: `telepathy chaos` with 30+ faults of every kind on the local SLURM cluster.
 
-    python -m bench.chaos [--smoke] [--faults 30] [--seed 7] [--gpus 2] [--out F.json]
+    python -m bench.chaos [--smoke] [--faults 30] [--seed 7] [--gpus 2] [--nodes 1] [--out F.json]
                           [--picture F.png] [--workdir runs/chaos-soak]
+    python -m bench.chaos --nodes 2 --gpus 1 --faults 15 \
+        --kinds rank_kill,node_fail,scancel_term,preempt,rank_hang     # the two-node soak (root)
 
 Prints one JSON object: the harness's (every fault: kind, step, rank, detect_s, recover_s,
 steps_redone, resumable, recovered; the summary: injected, recovered, lost_runs, exact, ...),
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="one rank_kill on one GPU, for CI")
     p.add_argument("--faults", type=int, default=30)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--gpus", type=int, default=2, help="GPUs (ranks) per node")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes of the job, on a local cluster of that many (root)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny-cpu.yaml"))
     p.add_argument("--workdir", default=str(ROOT / "runs" / "chaos-soak"))
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         faults, kinds, gpus = 1, ("rank_kill",), 1
     started = time.time()
     result = Harness(Options(args.config, faults, args.seed, kinds, gpus,
-                             Path(args.workdir))).run()
+                             Path(args.workdir), nodes=args.nodes)).run()
     report = {"bench": "chaos", "machine": f"{platform.node()} ({platform.machine()}, CPU only)",
               "command": "python -m bench.chaos " + " ".join(argv if argv is not None
                                                              else sys.argv[1:]),
