@@ -45,6 +45,12 @@ CLOSE_RTOL = 1e-5
 an out-of-memory error): the same samples, summed in another order."""
 
 
+STALE_KILL_S = 90
+"""After node_fail, the next fault waits this long from the node's return. slurmctld retries the
+kill of the failed allocation on that node until it answers, and has been seen to deliver it
+39-50 s after the node came back, into the job's next allocation there (same job id): a crash
+the run survives, but one that would cut off a fault injected meanwhile before its detection."""
+
 TIME_LIMIT_ROOM_S = 75
 """A shortened time limit's signal comes within ~65 s (SLURM checks limits every 30 s)."""
 
@@ -58,9 +64,12 @@ with only these the reference job runs beside the chaos job instead of before it
 def harness_sets(schedule: list[str], every_steps: int = 10, step_s: float = 0.15) -> list[str]:
     """What the harness sets before the user's --set: saves often, a short hang timeout, a
     restart cap above the faults, a 30 s grace signal, and steps enough for every fault (a
-    time limit's signal takes a while: steps of ~`step_s` go on meanwhile)."""
-    room = sum(2 * every_steps if k != "time_limit" else 2 * every_steps +
-               math.ceil(TIME_LIMIT_ROOM_S / step_s) for k in schedule)
+    time limit's signal takes a while, and a fault after a node_fail waits out SLURM's retried
+    kill: steps of ~`step_s` go on meanwhile)."""
+    waits = {"time_limit": TIME_LIMIT_ROOM_S, "node_fail": STALE_KILL_S}
+    room = sum(2 * every_steps + (math.ceil(waits[k] / step_s) if k in waits and
+                                  (k != "node_fail" or i < len(schedule) - 1) else 0)
+               for i, k in enumerate(schedule))
     return [f"checkpoint.every_steps={every_steps}", "checkpoint.every_min=0",
             "train.hang_timeout_s=45", f"preemption.max_restarts={2 * len(schedule) + 10}",
             "slurm.signal_lead_s=30", "monitor.interval_s=0",
@@ -84,10 +93,9 @@ class Options:
     """Nodes of the job, each with `gpus` ranks; above 1 the harness's own local cluster has
     that many nodes (network namespaces, root), and node_fail kills one of them."""
     last: tuple[str, ...] = ()
-    """Kinds placed after every other one in each shuffled round. A short run that must see
-    every fault detected puts node_fail here: once its node is back, SLURM has been seen to
-    SIGKILL the next allocation some 20-40 s into it (a crash the run survives, but one that
-    can cut off the next fault before anything noticed it)."""
+    """Kinds placed after every other one in each shuffled round. A short run puts node_fail
+    here: the fault after a node_fail waits out SLURM's retried kill (STALE_KILL_S), and a last
+    node_fail needs no such wait."""
 
 
 @dataclass
@@ -205,6 +213,8 @@ class Harness:
         self.jobs: list[str] = []
         """Every job the harness submitted: cancelled on the way out if still there."""
         self.target: Target | None = None
+        self.node_back_at = 0.0
+        """When the last node_fail's node came back (0: none yet)."""
 
     # -- set-up ---------------------------------------------------------------------------------
     def start_cluster(self) -> None:
@@ -383,6 +393,11 @@ class Harness:
         deadline = time.time() + timeout_s
         extra = self.rng.randint(1, max(1, self.cfg.checkpoint.every_steps))
         goal = None
+        quiet = self.node_back_at + STALE_KILL_S
+        if time.time() < quiet:
+            self.log(f"  waiting {quiet - time.time():.0f} s more for SLURM's retried kill of the "
+                     "failed node's allocation")
+            time.sleep(max(0.0, quiet - time.time()))
         while time.time() < deadline:
             events = target.events()
             if of_kind(events, Event.FINISHED):
@@ -437,6 +452,8 @@ class Harness:
             except Exception as exc:  # noqa: BLE001 (recorded; the run goes on or ends below)
                 record.error = f"undoing the fault failed: {type(exc).__name__}: {exc}"
                 self.log(record.error)
+            if kind_name == "node_fail":
+                self.node_back_at = time.time()
         # Without a restart, recovery is the next save that succeeds after the detection.
         after = injected.at if kind.restarts or record.detect_s is None else \
             injected.at + record.detect_s

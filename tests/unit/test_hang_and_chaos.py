@@ -184,6 +184,11 @@ def test_the_harness_gives_every_fault_room_and_restarts():
     assert cfg.train.hang_timeout_s == 45
     slow = load_config(support.CONFIG, harness_sets(["rank_kill"] * 29 + ["time_limit"]))
     assert slow.train.steps >= cfg.train.steps + 75 / 0.15  # steps go on until the signal
+    # a fault after a node_fail waits out SLURM's retried kill; a last node_fail needs no room
+    nodes = load_config(support.CONFIG, harness_sets(["node_fail"] + ["rank_kill"] * 29))
+    assert nodes.train.steps >= cfg.train.steps + 90 / 0.15
+    last = load_config(support.CONFIG, harness_sets(["rank_kill"] * 29 + ["node_fail"]))
+    assert last.train.steps == cfg.train.steps
 
 
 def test_out_of_memory_exits_are_not_a_crash_loop_they_shrink_the_plan():
