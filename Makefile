@@ -12,7 +12,7 @@ demo: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
-	.venv/bin/python -m pytest -q -rs -n 6 --dist load --no-loadscope-reorder --durations=15
+	.venv/bin/python -m pytest -q -rs -n 4 --dist load --no-loadscope-reorder --durations=15
 
 bench-smoke: setup
 	.venv/bin/python -m bench.monitor_overhead --smoke

@@ -82,9 +82,13 @@ def test_a_node_lost_the_run_resumes_on_the_other_then_on_both_when_it_returns(
         assert time.monotonic() < deadline, cluster2.node_states()
         time.sleep(0.5)
     job.term()
-    assert job.wait_end() == ("COMPLETED", 2), job.logs()
+    state, restarts = job.wait_end()
+    # (> 2: SLURM's retried kill of the failed allocation may reach the job's next allocation on
+    # the returned node, 30-50 s after its return: a crash or a save the run survives.)
+    assert state == "COMPLETED" and restarts >= 2, job.logs()
 
-    assert [e["world_size"] for e in support.events(job.run_dir, "launch")] == [2, 1, 2]
+    sizes = [e["world_size"] for e in support.events(job.run_dir, "launch")]
+    assert sizes[:3] == [2, 1, 2] and set(sizes[3:]) <= {2}, sizes
     assert scontrol.show_job(job.id, env=cluster2.env())["NodeList"] == "n[1-2]"
     changes = support.events(job.run_dir, "world_size_changed")
     assert [(e["from_world_size"], e["to_world_size"]) for e in changes] == [(2, 1), (1, 2)]
