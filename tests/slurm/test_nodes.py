@@ -91,7 +91,8 @@ def test_a_node_lost_the_run_resumes_on_the_other_then_on_both_when_it_returns(
     assert sizes[:3] == [2, 1, 2] and set(sizes[3:]) <= {2}, sizes
     assert scontrol.show_job(job.id, env=cluster2.env())["NodeList"] == "n[1-2]"
     changes = support.events(job.run_dir, "world_size_changed")
-    assert [(e["from_world_size"], e["to_world_size"]) for e in changes] == [(2, 1), (1, 2)]
+    pairs = [(e["from_world_size"], e["to_world_size"]) for e in changes]
+    assert pairs[:2] == [(2, 1), (1, 2)] and set(pairs[2:]) <= {(1, 2)}, pairs  # (a retry)
     back = changes[1]["step"]
     assert_same_state(dumps / f"saved-step{lost}-w2.safetensors",
                       dumps / f"loaded-step{lost}-w1.safetensors")
