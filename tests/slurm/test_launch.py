@@ -65,8 +65,11 @@ def requeues(run_dir):
     return [(e["cause"], e["slurm_restart_count"]) for e in support.events(run_dir, "requeue")]
 
 
-def test_scancel_term_saves_requeues_same_job_resumes_exactly_and_returns_the_summary(
+def test_scancel_then_the_high_partition_preempt_requeue_resume_exactly_and_results_returns(
         slurm_env, tmp_path, reference):
+    """Two preemptions of a submitit job on two ranks, one by `scancel -s TERM`, one by a job of
+    the `high` partition: each saved, requeued under the same id and resumed exactly;
+    `job.results()` returns rank 0's summary."""
     run_dir = tmp_path / "run"
     job = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
     assert isinstance(job, submitit.Job) and job.num_tasks == 2
@@ -76,27 +79,6 @@ def test_scancel_term_saves_requeues_same_job_resumes_exactly_and_returns_the_su
     for arg in [*sbatch_args(cfg, 2), "--requeue", "--ntasks-per-node=2", "--open-mode=append"]:
         assert f"#SBATCH {arg}\n" in script
     assert "--kill-on-bad-exit=1" in script and "-m telepathy.launch.node" in script
-    wait_for_step(run_dir / "metrics.jsonl", RNG.randrange(5, 40), 240)
-    scontrol.scancel(job.job_id, signal="TERM")
-    summary, other = results(job)
-    assert final_state(job) == "COMPLETED"  # followed without sacct (no accounting here)
-    assert other is None
-    assert summary["status"] == "finished" and summary["step"] == 60
-    assert summary["restarts"] == 1 and summary["run_dir"] == str(run_dir)
-    assert summary["loss"] == reference(2)[60] and summary["job_id"] == job.job_id
-    assert_exact(run_dir, reference(2))
-    assert requeues(run_dir) == [("user", 0)]
-    events = support.events(run_dir)
-    assert {e["job_id"] for e in events} == {job.job_id}  # requeued under the same id
-    launches = support.events(run_dir, "launch")
-    assert [e["launcher"] for e in launches] == ["submitit-slurm"] * 2
-    assert launches[0]["stdout"] == str(job.task(0).paths.stdout)  # tail finds the log
-    assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 0]
-
-
-def test_two_preemptions_one_by_scancel_one_by_the_high_partition(slurm_env, tmp_path, reference):
-    run_dir = tmp_path / "run"
-    job = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
     wait_for_step(run_dir / "metrics.jsonl", RNG.randrange(5, 25), 240)
     scontrol.scancel(job.job_id, signal="TERM")
     deadline = time.monotonic() + 180
@@ -108,11 +90,21 @@ def test_two_preemptions_one_by_scancel_one_by_the_high_partition(slurm_env, tmp
     high = scontrol.sbatch(None, ["-p", "high", "--gpus-per-node=h100:4",
                                   f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
                            cwd=str(tmp_path))
-    summary, _ = results(job)
-    assert summary["restarts"] == 2 and summary["step"] == 60
+    summary, other = results(job)
+    assert final_state(job) == "COMPLETED"  # followed without sacct (no accounting here)
+    assert other is None
+    assert summary["status"] == "finished" and summary["step"] == 60
+    assert summary["restarts"] == 2 and summary["run_dir"] == str(run_dir)
+    assert summary["loss"] == reference(2)[60] and summary["job_id"] == job.job_id
     assert scontrol.job_state(high)[0] == "COMPLETED"
     assert_exact(run_dir, reference(2))
     assert requeues(run_dir) == [("user", 0), ("preemption", 1)]
+    events = support.events(run_dir)
+    assert {e["job_id"] for e in events} == {job.job_id}  # requeued under the same id
+    launches = support.events(run_dir, "launch")
+    assert [e["launcher"] for e in launches] == ["submitit-slurm"] * 3
+    assert launches[0]["stdout"] == str(job.task(0).paths.stdout)  # tail finds the log
+    assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 75, 0]
 
 
 def test_signals_during_start_up_are_kept_and_honoured(slurm_env, tmp_path, reference):

@@ -38,18 +38,6 @@ def assert_requeue_trail(job, causes):
         assert f"telepathy: job {job.id} restart {restart} on" in out
 
 
-def test_scancel_term_saves_requeues_same_job_and_resumes_exactly(cluster, tmp_path, reference):
-    job = Job(cluster, tmp_path, gpus=2)
-    job.wait_step(RNG.randrange(5, 40))
-    job.term()
-    assert job.wait_end() == ("COMPLETED", 1), job.logs()
-    assert_exact(job, reference(2))
-    assert_requeue_trail(job, ["user"])
-    after = [r for r in support.metrics(job.run_dir)
-             if r["step"] > support.events(job.run_dir, "resume")[0]["step"]]
-    assert after and {(r["restart"], r["world_size"], r["job_id"]) for r in after} == {(1, 2, job.id)}
-
-
 def test_a_lora_job_scancel_term_requeues_and_resumes_exactly(cluster, tmp_path, base_model,
                                                              lora_reference):
     """LoRA on a locally saved Llama through sbatch: SIGTERM, save, requeue, exact resume."""
@@ -99,23 +87,38 @@ def test_time_limit_warning_saves_and_requeues_across_allocations(cluster, tmp_p
         list(range(restarts + 1))  # a relay in every allocation
 
 
-def test_preemption_by_a_high_priority_job_saves_in_grace_and_resumes_exactly(
+def test_scancel_term_then_a_high_priority_job_each_save_requeue_and_resume_exactly(
         cluster, tmp_path, reference):
+    """Two ranks. `scancel -s TERM` at a random step: saved, requeued under the same id, resumed
+    exactly. Then a job of the `high` partition preempts it: saved within the grace time (the
+    ranks leave by themselves with 75, SLURM does not kill them), requeued once the high job
+    ran, resumed exactly again."""
     job = Job(cluster, tmp_path, gpus=2)
-    job.wait_step(RNG.randrange(5, 35))
+    job.wait_step(RNG.randrange(5, 30))
+    job.term()
+    assert job.wait_restarts(1) not in ENDED, job.logs()  # requeued
+    deadline = time.monotonic() + 180
+    while not support.events(job.run_dir, "resume"):
+        assert time.monotonic() < deadline, job.logs()
+        time.sleep(0.2)
+    resumed = support.events(job.run_dir, "resume")[0]["step"]
+    job.wait_step(resumed + RNG.randrange(2, 10))
     high = scontrol.sbatch(None, ["-p", "high", "--gpus-per-node=h100:4",
-                                          f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
+                                  f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
                            env=cluster.env(), cwd=str(tmp_path))
-    assert job.wait_end() == ("COMPLETED", 1), job.logs()
+    assert job.wait_end() == ("COMPLETED", 2), job.logs()
     assert scontrol.job_state(high, env=cluster.env())[0] == "COMPLETED"
     assert_exact(job, reference(2))
-    assert_requeue_trail(job, ["preemption"])
+    assert_requeue_trail(job, ["user", "preemption"])
+    after = [r for r in support.metrics(job.run_dir) if resumed < r["step"]]
+    assert after and {(r["world_size"], r["job_id"]) for r in after} == {(2, job.id)}
+    assert {r["restart"] for r in after} == {1, 2}
     # Saved within the grace time: the ranks left by themselves (75), SLURM did not kill them.
     ends = support.events(job.run_dir, "allocation_end")
-    assert [e["exit_code"] for e in ends] == [75, 0], job.logs()[-3000:]
+    assert [e["exit_code"] for e in ends] == [75, 75, 0], job.logs()[-3000:]
     high_start = scontrol.show_job(high, env=cluster.env())["StartTime"]
-    resume, = support.events(job.run_dir, "resume")
-    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(resume["time"])) >= high_start
+    second = support.events(job.run_dir, "resume")[1]
+    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second["time"])) >= high_start
 
 
 def test_crash_loop_stops_requeueing_with_a_clear_message(cluster, tmp_path):
