@@ -311,34 +311,28 @@ def node_fail(target: Target) -> Injected:
 
 
 def _fail_one_of_the_nodes(target: Target, cluster: LocalCluster) -> Injected:
-    nodelist = scontrol.show_job(target.job_id, env=target.env).get("NodeList", "")
-    nodes = proc.run(["scontrol", "show", "hostnames", nodelist], timeout=30,
-                     env=target.env).stdout.split()
+    try:
+        nodelist = scontrol.show_job(target.job_id, env=target.env).get("NodeList", "")
+        nodes = proc.run(["scontrol", "show", "hostnames", nodelist], timeout=30,
+                         env=target.env).stdout.split()
+    except proc.CommandError as exc:
+        raise FaultError(f"could not find the nodes of job {target.job_id}: {exc}") from None
     if not nodes:
         raise FaultError(f"job {target.job_id} holds no node now (NodeList={nodelist!r})")
     node = target.rng.choice(nodes)
-    ranks = {r for r, p in target.ranks().items() if _on(cluster, node, p.pid)}
+    ranks = {r for r, p in target.ranks().items() if cluster.on_node(node, p.pid)}
     at = time.time()
-    killed = cluster.fail_node(node)
+    try:
+        killed = cluster.fail_node(node)
+    except proc.CommandError as exc:
+        raise FaultError(f"could not kill node {node}: {exc}") from None
 
     def node_back(t: Target) -> None:
         cluster.up()
 
     return Injected(at, min(ranks) if ranks else None,
-                    f"node {node} of {nodelist}: its slurmd and {killed - 1} other processes "
-                    f"killed (rank(s) {sorted(ranks)})", after=node_back)
-
-
-def _on(cluster: LocalCluster, node: str, pid: int) -> bool:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net") == _netns_of(cluster, node)
-    except OSError:
-        return False
-
-
-def _netns_of(cluster: LocalCluster, node: str) -> str | None:
-    pids = cluster.node_pids(node)
-    return os.readlink(f"/proc/{pids[0]}/ns/net") if pids else None
+                    f"node {node} of {nodelist}: {killed} processes killed, its slurmd first "
+                    f"(rank(s) {sorted(ranks)})", after=node_back)
 
 
 def node_down(target: Target, since: float) -> float | None:

@@ -48,7 +48,7 @@ an out-of-memory error): the same samples, summed in another order."""
 STALE_KILL_S = 90
 """After node_fail, the next fault waits this long from the node's return. slurmctld retries the
 kill of the failed allocation on that node until it answers, and has been seen to deliver it
-39-50 s after the node came back, into the job's next allocation there (same job id): a crash
+30-50 s after the node came back, into the job's next allocation there (same job id): a crash
 the run survives, but one that would cut off a fault injected meanwhile before its detection."""
 
 TIME_LIMIT_ROOM_S = 75
@@ -197,7 +197,8 @@ class Harness:
             raise ValueError(f"--nodes {opts.nodes}: a local cluster of several nodes needs root "
                              "(network namespaces); run as root, or --nodes 1")
         if opts.nodes * opts.gpus < 2 and {"rank_hang", "oom_one_rank"} & set(self.schedule):
-            raise ValueError("rank_hang and oom_one_rank need --gpus 2 or more: a stopped rank "
+            raise ValueError("rank_hang and oom_one_rank need 2 ranks or more (--gpus x --nodes): "
+                             "a stopped rank "
                              "is noticed by another, and one rank alone retries an "
                              "out-of-memory step in place")
         if "disk_full" in self.schedule and os.geteuid() != 0:

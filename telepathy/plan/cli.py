@@ -147,7 +147,8 @@ def as_json(opts: list[Option], steps: int, best: Option | None, job_id: str | N
         rows.append(row)
     return {"remaining_steps": steps, "options": rows,
             "recommended_gpus": best.gpus if best else None,
-            "recommended_nodes": best.nodes if best else None, "submitted_job_id": job_id}
+            "recommended_nodes": best.nodes if best else None,
+            "recommended_ranks": best.ranks if best else None, "submitted_job_id": job_id}
 
 
 def main(argv: list[str] | None = None) -> int:

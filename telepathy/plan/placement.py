@@ -1,4 +1,5 @@
-"""The placement planner: how a fixed global batch is split over 1-4 GPUs. Pure functions.
+"""The placement planner: how a fixed global batch is split over the ranks (1-4 GPUs a node, on one
+node or several). Pure functions.
 
 `plan()` picks, for a world size, the largest allowed micro-batch that divides the per-rank
 batch and fits the GPU's memory (the ZeRO-3 model of `memory.py`), offloading the optimizer (then
@@ -39,7 +40,7 @@ class Layout:
 @dataclass(frozen=True)
 class PlanRequest:
     gpus: int
-    """Ranks (one per GPU), 1-4."""
+    """Ranks (one per GPU): nodes x 1-4."""
     shape: ModelShape
     global_batch: int
     micro_sizes: tuple[int, ...]

@@ -81,22 +81,37 @@ class LocalCluster:
         out = proc.run(["sinfo", "-h", "-N", "-o", "%N %T"], timeout=30, env=self.env()).stdout
         return dict(line.split() for line in sorted(set(out.splitlines())) if line.strip())
 
+    def on_node(self, node: str, pid: int) -> bool:
+        """Whether process `pid` lives in `node`'s network namespace."""
+        try:
+            mine = os.stat(f"/run/netns/{self.namespace(node)}")
+            theirs = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            return False
+        return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
     def fail_node(self, node: str) -> int:
-        """`node` dies: SIGKILL to every process on it, its slurmd first; how many. The
-        controller learns of it as of a real node: its slurmd stops answering (SlurmdTimeout)."""
+        """`node` dies: SIGKILL to every process on it, its slurmd first, until none is left (a
+        process forked meanwhile goes too); how many. The controller learns of it as of a real
+        node: its slurmd stops answering (SlurmdTimeout)."""
         import signal
+        import time
 
         pid_file = self.state_dir / f"slurmd-{node}.pid"
-        pids = self.node_pids(node)
         slurmd = int(pid_file.read_text()) if pid_file.exists() else None
-        killed = 0
-        for pid in sorted(pids, key=lambda p: p != slurmd):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-        return killed
+        killed: set[int] = set()
+        for _ in range(50):
+            pids = [p for p in self.node_pids(node) if p not in killed]
+            if not pids:
+                break
+            for pid in sorted(pids, key=lambda p: p != slurmd):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        return len(killed)
 
 
 def free_port_pair() -> int:

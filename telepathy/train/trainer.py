@@ -34,6 +34,10 @@ from .saving import Action, Boundary, decide, step_save, time_due
 log = logging.getLogger(__name__)
 
 
+HEARD_WAIT_S = 1.0
+"""After a preemption's save, how long a rank that heard no signal itself waits for one before
+the ranks say who heard it (the `preempted` event's `heard`)."""
+
 EXIT_MARGIN_S = 20.0
 """Seconds kept, after a preemption signal, between the relay's last flush and SLURM's end of
 the job: srun's teardown and the requeue step."""
@@ -249,6 +253,15 @@ class Trainer:
             last_saved = min(last_saved, self.checkpoints.newest_complete_step())
         return Boundary(step, self.cfg.train.steps, last_saved, preempt, due), last_saved
 
+    def heard(self) -> str | None:
+        """The signal this rank received itself. A rank that has none yet waits up to
+        HEARD_WAIT_S for it: the ranks agree as soon as one of them heard, and the signal may
+        still be on its way to another node."""
+        deadline = time.monotonic() + HEARD_WAIT_S
+        while self.flag.name is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.flag.name
+
     def leave(self, boundary: Boundary, action: Action) -> int:
         """Collective: the last save of this process (synchronous), then the exit code."""
         step = boundary.step
@@ -266,9 +279,8 @@ class Trainer:
         self.report_saves()
         if action is Action.PREEMPT:
             # Which ranks, on which hosts, heard a signal themselves (SLURM signals each node's
-            # tasks through that node's slurmd): asked after the save, when a signal on its way
-            # to another node has long arrived.
-            heard = self.dist.all_gather_object((socket.gethostname(), self.flag.name))
+            # tasks through that node's slurmd).
+            heard = self.dist.all_gather_object((socket.gethostname(), self.heard()))
             self.events.emit(Event.PREEMPTED, step=step, exit_code=self.cfg.preemption.exit_code,
                              heard=[{"rank": r, "host": host, "signal": name}
                                     for r, (host, name) in enumerate(heard)])

@@ -17,7 +17,9 @@ assert adapter.skip_muon_import() and not adapter.skip_muon_import()  # once, th
 deepspeed = adapter.import_deepspeed()
 from deepspeed.autotuning import autotuner
 assert "mlflow" not in sys.modules and not autotuner.has_mlflow
-import mlflow  # the block is gone once deepspeed is imported
+import importlib.util
+if importlib.util.find_spec("mlflow") is not None:  # installed (the [mlflow] extra)
+    import mlflow  # the block is gone once deepspeed is imported
 from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
 assert not isinstance(opt, MuonWithAuxAdam) and "stand-in" in sys.modules[adapter.MUON_MODULE].__doc__

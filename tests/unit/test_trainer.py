@@ -5,6 +5,7 @@ preemption flag: milliseconds per test. The same logic runs against real DeepSpe
 real signals and real files in tests/integration and tests/slurm.
 """
 
+import socket
 from dataclasses import dataclass, field
 
 import pytest
@@ -143,8 +144,9 @@ def make(steps=60, every_steps=20, micro_sizes=(8, 4, 2, 1), layout=Layout(1, 8,
     flag = fakes.pop("flag", FakeFlag())
     flag.steps = steps_
     checkpoints = fakes.pop("checkpoints", FakeCheckpoints())
+    dist = fakes.pop("dist", FakeDist())
     events, metrics = ListWriter(), ListWriter()
-    trainer = Trainer(cfg, FakeDist(), steps_, FakeData(), layout, checkpoints, flag, metrics,
+    trainer = Trainer(cfg, dist, steps_, FakeData(), layout, checkpoints, flag, metrics,
                       EventLog(events, Stamp(0, "42", 1)), RunInfo(0, "42"), **fakes)
     return trainer, checkpoints, steps_, events
 
@@ -168,6 +170,22 @@ def test_a_signal_saves_the_current_step_synchronously_and_exits_for_requeue():
     assert steps.done == 27 and ckpts.saves[-1][:3] == (27, "preemption", True)
     assert kinds(events)[-2:] == ["checkpoint_saved", "preempted"]
     assert "signal" in kinds(events)
+    assert events.records[-1]["heard"] == [{"rank": 0, "host": socket.gethostname(),
+                                            "signal": "SIGTERM"}]
+
+
+def test_the_preempted_event_says_which_rank_heard_no_signal_itself():
+    """The ranks agreed because another one heard it: this one says null (after a short wait
+    for a signal still on its way)."""
+    class Gather(FakeDist):
+        def all_gather_object(self, obj):
+            return [("n1", "SIGTERM"), obj]
+
+    trainer, _, _, events = make(flag=FakeFlag(at_step=5, name=None), dist=Gather())
+    assert trainer.run(0) == exits.PREEMPTED
+    assert [(h["rank"], h["host"], h["signal"]) for h in events.records[-1]["heard"]][0] == \
+        (0, "n1", "SIGTERM")
+    assert events.records[-1]["heard"][1]["signal"] is None
 
 
 def test_a_signal_during_an_interval_save_exits_at_that_step_without_a_second_save():
