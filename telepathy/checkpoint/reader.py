@@ -50,8 +50,9 @@ def zip_records(path: Path) -> list[_Record]:
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise NotAZip(str(exc)) from exc
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        # NotImplementedError: a flipped bit in a "version needed" or compression field
+        raise NotAZip(f"{type(exc).__name__}: {exc}") from exc
     records = []
     with open(path, "rb") as f:
         for info in infos:

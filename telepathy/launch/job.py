@@ -11,6 +11,7 @@ own restart code, to run the tasks again.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -98,6 +99,8 @@ class Training:
         if flag is None and kind in ("slurm", "local"):
             raise RuntimeError("telepathy.launch.node installed no preemption flag in this rank: a "
                                "signal that came during start-up would be lost")
+        if kind in ("slurm", "local"):
+            gc.disable()  # a rank of its own: start-up without the cyclic collector (resume.main)
         with ExitStack() as stack:
             if flag is None:  # in this process (debug executor): handlers of our own
                 from .node import signals

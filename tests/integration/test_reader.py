@@ -126,6 +126,19 @@ def test_a_flipped_bit_anywhere_stops_the_read_before_anything_is_deserialised(s
                         f"{entry['chunks'][at // CHUNK]}"], problems
 
 
+def test_a_flipped_bit_in_the_directorys_version_field_is_not_a_crash(saved):
+    """zipfile raises NotImplementedError (not BadZipFile) for a "version needed to extract" it
+    does not know: 2.0 with bit 6 flipped reads as 8.4."""
+    path, entry = saved
+    with zipfile.ZipFile(path) as z:
+        directory = z.start_dir
+    data = bytearray(path.read_bytes())
+    data[directory + 6] ^= 0x40  # the first directory entry's "version needed" (low byte)
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotAZip, match="NotImplementedError"):
+        read_verified(path, entry)  # the caller then verifies the whole file the ordinary way
+
+
 def test_a_truncated_file_and_a_legacy_file(tmp_path, saved):
     path, entry = saved
     data = path.read_bytes()

@@ -339,3 +339,39 @@ def test_the_watchdog_hears_of_every_step_and_every_save():
     wheres = [c[1] for c in dog.calls if c[0] == "expect"]
     assert wheres[0] == "the first step (1) after start-up"
     assert "saving checkpoint step 2" in wheres and "saving checkpoint step 4" in wheres
+
+
+def test_start_up_runs_without_the_cyclic_collector_and_training_with_it():
+    import gc
+    import weakref
+
+    from telepathy.train.resume import settle_gc
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    settle_gc()  # the collector was on (an in-process caller): nothing changes
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()  # as `telepathy resume` starts
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle made during start-up
+        gone = weakref.ref(a)
+        del a, b
+        settle_gc()
+        assert gc.isenabled(), "training would run without the cyclic collector"
+        assert gone() is None, "start-up's garbage cycles were frozen, never to be freed"
+        assert gc.get_freeze_count() > frozen, "start-up's objects would be rescanned by every collection"
+    finally:
+        gc.enable()
+
+
+def test_resume_main_in_this_process_leaves_the_collector_as_it_found_it(tmp_path):
+    import gc
+
+    from telepathy.train.resume import main
+
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--run-dir", str(tmp_path)]) == 2
+    assert gc.isenabled()
