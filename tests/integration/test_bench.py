@@ -91,6 +91,15 @@ def test_resume_benchmark_smoke():
     assert "why" in result or result["ratios"]["resume_vs_cold_start"] <= 1.2
 
 
+def test_startup_benchmark_smoke():
+    report = smoke("bench.startup")
+    assert_sane(report)
+    assert report["rounds"] == 1
+    for arm in ("collector_off", "collector_on"):
+        assert len(report["runs"][arm]["cpu_s"]) == 1 and report["runs"][arm]["cpu_s"][0] > 0
+    assert report["cpu_ratio_off_vs_on"] is not None or report["not_measured"]
+
+
 def test_memory_model_benchmark_smoke():
     report = smoke("bench.memory_model")
     assert_sane(report)
