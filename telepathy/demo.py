@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from .config import load_config
 from .core import exits, proc
+from .core.errors import TelepathyError
 from .core.events import Event, of_kind
 from .core.jsonl import last_per_step, read_jsonl, wait_for_step
 from .core.paths import RunPaths
@@ -136,12 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-at", type=int, default=120, help="send SIGTERM after this step")
     p.add_argument("--gpus", type=int, default=2, help="fake H100s per job on the local cluster")
     p.add_argument("--local", action="store_true", help="no SLURM: one process, SIGTERM, rerun")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.steps=60")
     args = p.parse_args(argv)
     config = args.config or ("configs/tiny-cpu.yaml" if Path("configs/tiny-cpu.yaml").is_file()
                              else str(shipped_config("tiny-cpu.yaml")))
+    try:
+        cfg = load_config(config, args.set)
+    except TelepathyError as exc:
+        console.print(f"[red]{exc}[/]")
+        return exits.BAD_INPUT
+    if args.stop_at >= cfg.train.steps:
+        console.print(f"[red]--stop-at {args.stop_at} is not before the run's last step "
+                      f"(train.steps={cfg.train.steps}): give a smaller --stop-at[/]")
+        return exits.BAD_INPUT
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    if args.set:  # both paths read one file: the config with the overrides in it
+        config = str((root / "config.yaml").absolute())
+        Path(config).write_text(yaml.safe_dump(cfg.to_dict()))
     started = time.time()
     if args.local:
         reference, resumed = run_local(config, root, args.stop_at)

@@ -123,18 +123,46 @@ class TensorBoard(Sink):
 _HISTORY_STEP = re.compile(r"^# record \d+: history\n(?:.*\n)*?  step: \{\n    num: (\d+)", re.M)
 
 
-def wandb_offline_steps(wandb_dir: Path, run_id: str) -> list[int]:
+def wandb_offline_steps(wandb_dir: Path, run_id: str, direct: bool = True) -> list[int]:
     """Every history step of the offline runs of `run_id` under `wandb_dir`, in file order, read
-    by W&B's own reader (`wandb leet inspect`, which prints the records when not on a
-    terminal)."""
+    by W&B's own reader: `wandb leet inspect`, which prints the records when not on a terminal.
+
+    The reader is wandb-core's; `wandb leet inspect FILE` only finds that binary and runs it as
+    below, after importing the whole W&B command line (1.2 s of CPU a file on 2 cores, against
+    0.01 s for the reader itself). So the binary is run directly, with the arguments the command
+    gives it; where that fails (a W&B that moved it), or with `direct=False`, through the
+    command.
+    """
     steps: list[int] = []
     files = sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    exe = Path(sys.executable).with_name("wandb")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    core = _wandb_core() if files and direct else None
     for f in files:
-        out = proc.run([str(exe) if exe.exists() else "wandb", "leet", "inspect", str(f)],
-                       timeout=300, env={**os.environ, "WANDB_SILENT": "true"}).stdout
+        out = None
+        if core is not None:
+            try:
+                done = proc.run([core, "leet", "--no-observability", "--inspect", "--run-file",
+                                 str(f.resolve()), str(f.resolve().parent.parent)],
+                                timeout=300, env=env, check=False)
+                out = done.stdout if done.returncode == 0 else None
+            except proc.CommandError:  # not there, or it hung
+                out = None
+        if out is None:
+            exe = Path(sys.executable).with_name("wandb")
+            out = proc.run([str(exe) if exe.exists() else "wandb", "leet", "inspect", str(f)],
+                           timeout=300, env=env).stdout
         steps += [int(m) for m in _HISTORY_STEP.findall(out)]
     return steps
+
+
+def _wandb_core() -> str | None:
+    """wandb-core's path, as `wandb leet` finds it; None where it cannot be found."""
+    try:
+        from wandb.util import get_core_path
+
+        return str(get_core_path())
+    except Exception:  # any failure: the command line's own way
+        return None
 
 
 class Wandb(Sink):

@@ -76,6 +76,8 @@ def test_one_tracker_run_per_run_directory_across_requeues_crashes_and_a_failing
     assert len(offline) == 3 and all(p.name.endswith(f"-{run_id}") for p in offline), offline
     steps = wandb_offline_steps(run_dir / "wandb", run_id)
     assert sorted(steps) == every_step, repeated(steps)
+    # wandb-core's reader run directly reads what `wandb leet inspect` itself prints
+    assert wandb_offline_steps(run_dir / "wandb", run_id, direct=False) == steps
 
     # MLflow: one run in the experiment, train/loss once per step (the allocation where it
     # failed was filled in by the next one).

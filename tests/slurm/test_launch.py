@@ -107,11 +107,16 @@ def test_scancel_then_the_high_partition_preempt_requeue_resume_exactly_and_resu
     assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 75, 0]
 
 
-def test_signals_during_start_up_are_kept_and_honoured(slurm_env, tmp_path, reference):
+def test_signals_during_start_up_are_kept_then_a_refused_requeue_ends_results_with_the_reason(
+        slurm_env, tmp_path, reference):
     """SIGTERM in the first allocation's start-up, submitit's SIGUSR2 in the second's: each is
-    kept until the first step boundary, saved and requeued (not a crash), and the run exact."""
+    kept until the first step boundary, saved and requeued (not a crash). With
+    preemption.max_restarts=2, a third SIGTERM mid-run is saved but not requeued: results()
+    raises telepathy's reason at once (no SLURM accounting needed), and the run directory
+    still resumes exactly through a new submission."""
     run_dir = tmp_path / "run"
-    job = telepathy.launch.submit(CONFIG, run_dir, gpus=1, overrides=SETS)
+    job = telepathy.launch.submit(CONFIG, run_dir, gpus=1,
+                                  overrides=[*SETS, "preemption.max_restarts=2"])
     for restart, sig in enumerate(["TERM", "USR2"]):
         deadline = time.monotonic() + 180
         # submitit logs this line once telepathy's handlers are in place (before torch loads).
@@ -122,16 +127,23 @@ def test_signals_during_start_up_are_kept_and_honoured(slurm_env, tmp_path, refe
         while len(support.events(run_dir, "requeue")) <= restart:
             assert time.monotonic() < deadline, logs(job)
             time.sleep(0.2)
-    summary, = results(job)
-    assert final_state(job) == "COMPLETED"  # the teardown step has recorded the last end
-    assert summary["restarts"] == 2
+    wait_for_step(run_dir / "metrics.jsonl", RNG.randrange(5, 30), 240)
+    scontrol.scancel(job.job_id, signal="TERM")
+    with pytest.raises(submitit.core.utils.FailedJobError) as err:
+        results(job)
+    assert "not requeued: restart cap reached" in str(err.value)
+    assert "stays resumable" in str(err.value)
+    assert final_state(job) == "FAILED"  # the teardown step's exit status
     signals = support.events(run_dir, "signal")
-    assert [e["signal"] for e in signals] == ["SIGTERM", "SIGUSR2"]
+    assert [e["signal"] for e in signals] == ["SIGTERM", "SIGUSR2", "SIGTERM"]
     launches = support.events(run_dir, "launch")
-    for signal, launch in zip(signals, launches):
+    for signal, launch in zip(signals[:2], launches):
         assert signal["received_at"] < launch["time"]  # it came before training started
         assert signal["step"] == 0
-    assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 75, 0]
+    assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 75, 75]
+    again = telepathy.launch.submit(CONFIG, run_dir, gpus=1, overrides=SETS)
+    summary, = results(again)
+    assert summary["step"] == 60 and support.events(run_dir, "resume")[-1]["job_id"] == again.job_id
     assert_exact(run_dir, reference(1))
 
 
@@ -165,24 +177,6 @@ def test_bad_input_raises_before_anything_is_queued(slurm_env, tmp_path):
                                     **kwargs)
     assert queued() == before
     assert not (tmp_path / "run" / "submitit").exists()
-
-
-def test_a_refused_requeue_ends_job_results_with_the_reason(slurm_env, tmp_path):
-    """preemption.max_restarts=0: saved, not requeued; results() raises telepathy's reason at
-    once (no SLURM accounting needed) and the run directory still resumes."""
-    run_dir = tmp_path / "run"
-    job = telepathy.launch.submit(CONFIG, run_dir, gpus=2,
-                                  overrides=[*SETS, "preemption.max_restarts=0"])
-    wait_for_step(run_dir / "metrics.jsonl", 10, 240)
-    scontrol.scancel(job.job_id, signal="TERM")
-    with pytest.raises(submitit.core.utils.FailedJobError) as err:
-        results(job)
-    assert "not requeued: restart cap reached" in str(err.value)
-    assert "stays resumable" in str(err.value)
-    assert final_state(job) == "FAILED"  # the teardown step's exit status
-    again = telepathy.launch.submit(CONFIG, run_dir, gpus=2, overrides=SETS)
-    summary, _ = results(again)
-    assert summary["step"] == 60 and support.events(run_dir, "resume")[-1]["job_id"] == again.job_id
 
 
 def test_gpus_auto_takes_the_plans_choice_and_a_cancelled_job_does_not_hang(slurm_env, tmp_path):

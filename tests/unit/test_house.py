@@ -170,3 +170,16 @@ def test_in_a_checkout_the_shipped_files_are_the_repositorys_own():
     assert resources.job_script() == ROOT / "slurm" / "preemptible.slurm"
     assert resources.local_cluster_scripts() == ROOT / "slurm" / "local"
     assert resources.config("tiny-cpu.yaml") == ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def test_demo_refuses_bad_overrides_before_starting_anything(tmp_path, capsys):
+    from telepathy import demo
+
+    root = tmp_path / "demo"
+    assert demo.main(["--local", "--root", str(root), "--set", "train.steps=eight"]) == 2
+    assert "train.steps='eight' has the wrong type" in capsys.readouterr().out
+    assert demo.main(["--local", "--root", str(root), "--set", "train.steps=30",
+                      "--stop-at", "40"]) == 2
+    assert "--stop-at 40 is not before the run's last step (train.steps=30)" in \
+        capsys.readouterr().out
+    assert not root.exists()
