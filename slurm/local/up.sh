@@ -29,7 +29,9 @@ for cmd in slurmctld slurmd sinfo; do
   command -v "$cmd" >/dev/null || { echo "up.sh: $cmd not found; run scripts/setup.sh (apt-get install slurmctld slurmd slurm-client)" >&2; exit 1; }
 done
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# (a killed daemon not yet reaped is a zombie: kill -0 still answers for it)
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null &&
+          ! grep -qE '^State:[[:space:]]+Z' "/proc/$(cat "$1")/status" 2>/dev/null; }
 
 mkdir -p "$state"/{ctld,spool,gpus,log}
 node_spec="CPUs=32 Boards=1 SocketsPerBoard=1 CoresPerSocket=32 ThreadsPerCore=1 RealMemory=262144 Gres=gpu:h100:4 State=UNKNOWN"
@@ -125,6 +127,7 @@ else
       ip -n "$ns" link set eth0 up
       ip -n "$ns" link set lo up
     fi
+    ip link set "$veth" up  # (again after LocalCluster.vanish_node cut it)
     if ! alive "$state/slurmd-n$i.pid"; then
       # Its own hostname (UTS namespace) and /etc/hosts (a private bind mount); the rest of the
       # filesystem is this machine's, shared like a cluster's network filesystem.

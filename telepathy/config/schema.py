@@ -162,6 +162,12 @@ class TrainConfig:
     Start-up with the first step gets the larger of this, twice the run's longest start-up and
     120 s; a running save the larger of this and twice the longest recent save. Collectives give
     up after twice this (at least 30 minutes)."""
+    node_timeout_s: float = 60
+    """On a job of several nodes: each node's local rank 0 writes a heartbeat into the run
+    directory (every node_timeout_s / 6 s, between 1 and 10 s), and a rank that sees another
+    node's stop changing for this long records a `node_lost` event and exits 79, and the job
+    requeues: a node that vanished (power, a kernel panic, a cut link) ends the allocation in
+    this time, not at hang_timeout_s. 0 turns it off."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "must be a positive integer")
@@ -178,6 +184,9 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _require(self.hang_timeout_s >= 10, "train.hang_timeout_s", self.hang_timeout_s,
                  "must be >= 10 seconds (a step or a save slower than it counts as a hang)")
+        _require(self.node_timeout_s == 0 or self.node_timeout_s >= 6, "train.node_timeout_s",
+                 self.node_timeout_s, "must be 0 (off) or >= 6 seconds (a heartbeat comes every "
+                 "node_timeout_s / 6 s, at least 1 s apart)")
 
 
 CHECKPOINT_HASHES = ("xxh3_128", "blake3", "sha256")
@@ -225,11 +234,11 @@ class PreemptionConfig:
         _require(len(self.signals) >= 1, "preemption.signals", self.signals,
                  "name at least one signal, e.g. [SIGTERM]")
         _require(self.exit_code not in (exits.FINISHED, exits.FAILED, exits.BAD_INPUT,
-                                        exits.OUT_OF_MEMORY, exits.HUNG)
+                                        exits.OUT_OF_MEMORY, exits.NODE_LOST, exits.HUNG)
                  and 0 < self.exit_code < 126,
                  "preemption.exit_code", self.exit_code,
-                 "use a code in 3..125 other than 76 and 124 (telepathy's out-of-memory and hang "
-                 "exits), which no crash produces (default 75)")
+                 "use a code in 3..125 other than 76, 79 and 124 (telepathy's out-of-memory, "
+                 "lost-node and hang exits), which no crash produces (default 75)")
         _require(self.max_restarts >= 0, "preemption.max_restarts", self.max_restarts, "must be >= 0")
         _require(self.crash_loop_limit >= 1, "preemption.crash_loop_limit", self.crash_loop_limit,
                  "must be >= 1")

@@ -31,6 +31,7 @@ class Event(StrEnum):
     OOM_RECOVERED = "oom_recovered"
     OOM = "oom"
     HANG = "hang"
+    NODE_LOST = "node_lost"
     SIGNAL = "signal"
     SAVE_DEADLINE_RISK = "save_deadline_risk"
     PREEMPTED = "preempted"
@@ -77,6 +78,9 @@ EVENTS: dict[Event, tuple[str, str]] = {
     Event.HANG: ("a rank's watchdog saw no step and no save progress for train.hang_timeout_s: "
                  "stacks in its log, exit 124",
                  "step, rank, where, frame, idle_s, allowance_s, pid, host"),
+    Event.NODE_LOST: ("a rank saw another node of the job write no heartbeat for "
+                      "train.node_timeout_s and left (exit 79)",
+                      "lost_host, silent_s, timeout_s, beats_seen, rank, step, host, pid"),
     Event.SIGNAL: ("the ranks agreed on a preemption signal at a step boundary",
                    "step, signal, received_at"),
     Event.SAVE_DEADLINE_RISK: ("recent saves took longer than SLURM leaves the job",

@@ -7,6 +7,7 @@
 | 2 | bad input: config, data, placement, a refused resume | bad input, or no checkpoint |
 | 75 | saved after a signal: requeue, run the same command | - |
 | 76 | out of memory on one rank of several: a smaller micro-batch carried; requeue | - |
+| 79 | another node of the job stopped beating for `train.node_timeout_s`; requeue | - |
 | 124 | hung: no step, no save progress for `train.hang_timeout_s`; requeue | - |
 """
 
@@ -21,6 +22,9 @@ PREEMPTED = 75
 OUT_OF_MEMORY = 76
 """A rank ran out of memory while other ranks waited in collectives: it wrote the smaller
 micro-batch for the next allocation (RunPaths.plan_carry) and left; requeue."""
+NODE_LOST = 79
+"""Another node of the job wrote no heartbeat for train.node_timeout_s (it vanished: power, a
+kernel panic, a cut link); this rank left rather than wait in a collective; requeue."""
 HUNG = 124
 """The watchdog saw no step complete and no save progress for train.hang_timeout_s (as
 timeout(1) exits 124): every thread's stack is in the rank's log; requeue."""

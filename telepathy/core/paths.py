@@ -56,6 +56,14 @@ class RunPaths:
         """GPU and host samples of one node."""
         return self.root / f"system-{host}.jsonl"
 
+    def heartbeat(self, host: str) -> Path:
+        """One node's heartbeat on a job of several nodes (JSON, replaced every few seconds)."""
+        return self.heartbeats / f"{host}.json"
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.root / "heartbeats"
+
     @property
     def plan_carry(self) -> Path:
         """The smaller micro-batches ranks that ran out of memory chose, each from the step where

@@ -114,6 +114,30 @@ class LocalCluster:
         return len(killed)
 
 
+    def vanish_node(self, node: str) -> int:
+        """`node` vanishes without a word, as on a power loss or a kernel panic: every process
+        on it stopped (SIGSTOP, until none is left running), then its link cut, so that no
+        connection to it closes and nothing more comes from it; how many processes. `up()`
+        after `fail_node` brings it back (the link too)."""
+        import signal
+        import time
+
+        stopped: set[int] = set()
+        for _ in range(50):
+            pids = [p for p in self.node_pids(node) if p not in stopped]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        proc.run(["ip", "link", "set", f"tpv{self.port}{node}", "down"], timeout=30)
+        return len(stopped)
+
+
 def free_port_pair() -> int:
     """A free port whose successor is free too (slurmctld's and slurmd's)."""
     for _ in range(100):

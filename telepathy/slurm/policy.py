@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from ..core.events import AllocationEnd, Event
-from ..core.exits import BAD_INPUT, FINISHED, HUNG, OUT_OF_MEMORY
+from ..core.exits import BAD_INPUT, FINISHED, HUNG, NODE_LOST, OUT_OF_MEMORY
 
 # Time limits and --signal are checked every 30 s by slurmctld (compiled in), so the warning
 # arrives between signal_lead_s and signal_lead_s + 30 s before the limit.
@@ -68,6 +68,8 @@ def effective_exit(exit_code: int, events: list[dict[str, Any]], preempt_code: i
         return HUNG
     if Event.OOM in kinds:
         return OUT_OF_MEMORY
+    if Event.NODE_LOST in kinds:
+        return NODE_LOST
     if Event.SIGNAL in kinds:
         return preempt_code
     return exit_code
@@ -113,7 +115,8 @@ def decide(history: list[AllocationEnd], restart_count: int, max_restarts: int, 
                                "see the job log, fix the cause, then resubmit (the run resumes)")
     what = {HUNG: "hung (exit 124: no progress for train.hang_timeout_s; stacks in the log)",
             OUT_OF_MEMORY: "ran out of memory on one rank (exit 76; a smaller micro-batch is "
-                           "carried to the next allocation)"}.get(last.exit_code,
+                           "carried to the next allocation)",
+            NODE_LOST: "lost a node (exit 79: no heartbeat for train.node_timeout_s)"}.get(last.exit_code,
                                                                    f"crashed with exit {last.exit_code}")
     return Decision(True, f"{what}; requeueing to resume from the checkpoint of step "
                           f"{last.checkpoint_step}")

@@ -168,6 +168,37 @@ def watchdog(cfg: Config, paths: RunPaths, dist: Dist,
         dog.stop()
 
 
+@contextmanager
+def node_heartbeat(cfg: Config, paths: RunPaths, dist: Dist, env: DistEnv,
+                   stamp: Callable[[], Stamp], step: Callable[[], int]) -> Iterator[Any]:
+    """On a job whose ranks span several hosts (and train.node_timeout_s > 0): this rank's
+    heartbeat thread (heartbeat.py), from now until training ends; a lost node is recorded with
+    `stamp()`. Two collectives, on every job of more than one rank: the hosts, and rank 0's mark
+    for this allocation."""
+    from .heartbeat import Lost, NodeHeartbeat
+
+    timeout_s = cfg.train.node_timeout_s
+    host = socket.gethostname()
+    hosts = dist.all_gather_object(host) if dist.world_size > 1 else [host]
+    if timeout_s <= 0 or len(set(hosts)) < 2:
+        yield None
+        return
+    mark = dist.broadcast_object(f"{os.getpid()}-{time.time_ns()}" if dist.is_main else None)
+
+    def record(lost: Lost) -> None:
+        with any_rank_events(paths, stamp()) as events:
+            events.emit(Event.NODE_LOST, **lost.fields())
+
+    beat = NodeHeartbeat(paths.heartbeats, host, hosts, mark, beats=env.local_rank == 0,
+                         timeout_s=timeout_s, rank=dist.rank, on_lost=record, step=step).start()
+    log.info("heartbeat: %d nodes, a beat every %.0f s, a node silent for %g s is lost",
+             len(set(hosts)), beat.interval_s, timeout_s)
+    try:
+        yield beat
+    finally:
+        beat.stop()
+
+
 @dataclass(frozen=True)
 class Durations:
     """What earlier allocations of this run measured, for the watchdog's allowances."""

@@ -89,6 +89,8 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         stack.enter_context(phases.run_lock(dist, paths, job_id))
         run_logs = stack.enter_context(phases.run_logs(dist, paths, job_id))
         stamp[0] = run_logs.events.stamp
+        stack.enter_context(phases.node_heartbeat(cfg, paths, dist, env, lambda: stamp[0],
+                                                  lambda: dog.step))
         durations = phases.measured_durations(paths, dist)
         info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data,
                        first_step_allowance_s=phases.startup_allowance_s(durations))

@@ -49,60 +49,74 @@ def test_a_two_node_job_scancel_term_requeues_and_resumes_exactly_on_two_nodes(
 
 def test_a_node_lost_the_run_resumes_on_the_other_then_on_both_when_it_returns(
         cluster2, tmp_path, reference):
-    """`--nodes=1-2`: node n2 dies (its slurmd and every process on it SIGKILLed) after the
-    checkpoint of step 20. The rank on n1 leaves on its own; SLURM marks n2 down and requeues
-    the job, which resumes on n1 alone (2 -> 1 ranks); n2 comes back, a SIGTERM requeues the
-    job, and it resumes on both (1 -> 2) and finishes: losses within 1e-5 of the two-rank run,
-    the full optimizer state equal across both conversions."""
+    """`--nodes=1-2`: node n2 vanishes after the checkpoint of step 20, as on a power loss:
+    every process on it stopped and its link cut, so no connection to it closes. The rank on
+    n1 hears no more heartbeats from n2 and leaves after train.node_timeout_s (a `node_lost`
+    event; it does not wait in its collective for the watchdog); SLURM marks n2 down and
+    requeues the job, which resumes on n1 alone (2 -> 1 ranks); n2 comes back, a SIGTERM
+    requeues the job, and it resumes on both (1 -> 2) and finishes: losses within 1e-5 of the
+    two-rank run, the full optimizer state equal across both conversions. (A node whose
+    processes are killed while its kernel lives closes their connections, and the ranks
+    elsewhere leave at their next collective: the chaos test's node_fail.)"""
     dumps = tmp_path / "dumps"
     # Every step sleeps 0.6 s (not in the maths): the allocation on n1 alone trains its 40
     # steps in no less than 24 s, room for n2's slurmd to start and register (a few seconds)
     # before the SIGTERM, however fast this machine is.
     job = Job(cluster2, tmp_path, gpus=1, sbatch_args=["--nodes=1-2"],
+              sets=["train.node_timeout_s=10"],
               env={"TELEPATHY_FAULT": "step.start@*,sleep=0.6", "TELEPATHY_DUMP_STATE": str(dumps)})
     job.wait_step(RNG.randrange(22, 30))
     assert scontrol.show_job(job.id, env=cluster2.env())["NodeList"] == "n[1-2]"
-    assert cluster2.fail_node("n2") >= 3  # slurmd, its step daemon, the rank (and the shell's)
+    assert cluster2.vanish_node("n2") >= 3  # slurmd, its step daemon, the rank (and the shell's)
     deadline = time.monotonic() + 180
+    while not support.events(job.run_dir, "node_lost"):
+        assert time.monotonic() < deadline, job.logs()
+        time.sleep(0.5)
+    # the rank on n1 left on its own, from the heartbeats, before SLURM noticed anything
+    lost_node, = support.events(job.run_dir, "node_lost")
+    assert (lost_node["rank"], lost_node["host"], lost_node["lost_host"]) == (0, "n1", "n2")
+    assert lost_node["silent_s"] >= lost_node["timeout_s"] == 10 and lost_node["beats_seen"] > 0
+    assert not support.events(job.run_dir, "error"), "a collective noticed first"
     while not cluster2.node_states().get("n2", "").startswith("down"):
         assert time.monotonic() < deadline, "SLURM never marked n2 down"
         time.sleep(1)
-    # the rank on n1 left on its own: the connection to n2's rank closed, before any requeue
-    error, = support.events(job.run_dir, "error")
-    assert error["world_size"] == 2 and re.search("Connection (closed|reset) by peer",
-                                                  error["message"]), error
     while not support.events(job.run_dir, "world_size_changed"):
         assert time.monotonic() < deadline, job.logs()
         time.sleep(1)
     lost = support.events(job.run_dir, "world_size_changed")[0]["step"]
     assert lost == 20
-    while not [r for r in support.metrics(job.run_dir) if r["restart"] == 1 and r["step"] > lost]:
+    # SLURM ended the allocation (node failure) and requeued the job itself: the srun on n1
+    # waits for the step on the unreachable n2 until the node is declared down, so the job
+    # script's requeue step never runs; the job came back under its id, on n1 alone.
+    while not [r for r in support.metrics(job.run_dir) if r["world_size"] == 1 and r["step"] > lost]:
         assert time.monotonic() < deadline, job.logs()  # a step trained on n1 alone
         time.sleep(0.5)
 
-    cluster2.up()  # n2's slurmd again; SLURM returns the node to service
+    cluster2.fail_node("n2")  # its stopped processes go; then n2 boots again
+    cluster2.up()  # n2's link and slurmd again; SLURM returns the node to service
     while cluster2.node_states().get("n2") != "idle":
         assert time.monotonic() < deadline, cluster2.node_states()
         time.sleep(0.5)
     job.term()
     state, restarts = job.wait_end()
-    # (> 2: SLURM's retried kill of the failed allocation may reach the job's next allocation on
-    # the returned node, 30-50 s after its return: a crash or a save the run survives.)
     assert state == "COMPLETED" and restarts >= 2, job.logs()
 
-    sizes = [e["world_size"] for e in support.events(job.run_dir, "launch")]
-    assert sizes[:3] == [2, 1, 2] and set(sizes[3:]) <= {2}, sizes
+    # Two ranks, then one or more allocations on n1 alone, then two again. (More than one of
+    # each: SLURM's retried kill of a failed allocation reaches the job's next allocation on
+    # a node, a SIGTERM or a SIGKILL the run survives; see docs/slurm.md.)
+    sizes = "".join(str(e["world_size"]) for e in support.events(job.run_dir, "launch"))
+    assert re.fullmatch("21+2+", sizes), sizes
     assert scontrol.show_job(job.id, env=cluster2.env())["NodeList"] == "n[1-2]"
     changes = support.events(job.run_dir, "world_size_changed")
-    pairs = [(e["from_world_size"], e["to_world_size"]) for e in changes]
-    assert pairs[:2] == [(2, 1), (1, 2)] and set(pairs[2:]) <= {(1, 2)}, pairs  # (a retry)
-    back = changes[1]["step"]
+    pairs = "".join(f"{e['from_world_size']}{e['to_world_size']}" for e in changes)
+    assert re.fullmatch("(21)+(12)+", pairs), pairs
+    assert {e["step"] for e in changes if e["to_world_size"] == 1} == {lost}
+    back = [e for e in changes if e["to_world_size"] == 2][0]["step"]
     assert_same_state(dumps / f"saved-step{lost}-w2.safetensors",
                       dumps / f"loaded-step{lost}-w1.safetensors")
     assert_same_state(dumps / f"saved-step{back}-w1.safetensors",
                       dumps / f"loaded-step{back}-w2.safetensors")
     assert_close_losses(support.losses(job.run_dir), reference(2), exact_until=lost)
-    assert {r["world_size"] for r in support.metrics(job.run_dir) if r["restart"] == 1} == {1}
     # The rank on n1 did not wait for a collective's timeout or its watchdog: no hang.
     assert not support.events(job.run_dir, "hang")
 

@@ -18,6 +18,7 @@ from telepathy.plan.memory import ModelShape
 from telepathy.plan.placement import PlanRequest, plan
 from telepathy.slurm.policy import decide, effective_exit
 from telepathy.testing.faults import FaultPlan
+from telepathy.train.heartbeat import NodeHeartbeat, interval_for
 from telepathy.train.watchdog import Watchdog
 from tests import support
 
@@ -143,8 +144,10 @@ def test_a_carried_micro_batch_caps_the_plan_and_says_so():
 def test_the_hang_timeout_and_the_exit_codes_it_reserves_are_checked():
     with pytest.raises(ConfigError, match="train.hang_timeout_s=5.0 is invalid"):
         load_config(support.CONFIG, ["train.hang_timeout_s=5"])
-    for code in (exits.OUT_OF_MEMORY, exits.HUNG):
-        with pytest.raises(ConfigError, match="other than 76 and 124"):
+    with pytest.raises(ConfigError, match="train.node_timeout_s=3.0 is invalid"):
+        load_config(support.CONFIG, ["train.node_timeout_s=3"])
+    for code in (exits.OUT_OF_MEMORY, exits.NODE_LOST, exits.HUNG):
+        with pytest.raises(ConfigError, match="other than 76, 79 and 124"):
             load_config(support.CONFIG, [f"preemption.exit_code={code}"])
 
 
@@ -204,3 +207,42 @@ def test_start_up_is_allowed_twice_the_longest_earlier_one_and_never_less_than_t
     assert startup_allowance_s(Durations()) == STARTUP_FLOOR_S == 120
     assert startup_allowance_s(Durations(startup_s=30)) == 120
     assert startup_allowance_s(Durations(startup_s=90)) == 180
+
+
+def test_a_node_whose_heartbeat_stops_is_lost_after_the_timeout_by_the_readers_clock(tmp_path):
+    clock = Clock()
+    n1 = NodeHeartbeat(tmp_path, "n1", ["n1", "n2", "n1"], "job-a", True, 30, rank=0, clock=clock)
+    n2 = NodeHeartbeat(tmp_path, "n2", ["n1", "n2"], "job-a", True, 30, rank=1, clock=clock)
+    assert n1.others == ["n2"] and n1.interval_s == 5 and interval_for(600) == 10
+    # An earlier allocation's beat on the same host is no beat of this one.
+    NodeHeartbeat(tmp_path, "n2", ["n1", "n2"], "job-old", True, 30).beat()
+    assert n1.read("n2") is None and n1.check() is None
+    for _ in range(10):  # both beat; the clock moves 10 s at a time, far past the timeout
+        n2.beat()
+        clock.advance(10)
+        assert n1.check() is None
+    clock.advance(30)  # n2 silent for exactly the timeout: not yet
+    assert n1.check() is None
+    clock.advance(0.5)
+    lost = n1.check()
+    assert (lost.host, lost.silent_s, lost.beats_seen, lost.rank) == ("n2", 30.5, 10, 0)
+    fields = lost.fields()
+    assert fields["lost_host"] == "n2" and fields["timeout_s"] == 30
+    # A node never seen beating in this allocation is lost the same way, counted from the start.
+    n3 = NodeHeartbeat(tmp_path, "n1", ["n1", "n3"], "job-a", False, 30, clock=clock)
+    assert n3.check() is None
+    clock.advance(31)
+    assert n3.check().beats_seen == 0
+
+
+def test_the_heartbeat_thread_beats_and_leaves_with_node_lost(tmp_path):
+    exited, recorded = [], []
+    alone = NodeHeartbeat(tmp_path, "n1", ["n1", "n2"], "job-a", True, 6, rank=3,
+                          on_lost=recorded.append, step=lambda: 41, exit=exited.append)
+    alone.interval_s = 0.05  # (the thread's pace; the timeout below is what is tested)
+    alone.timeout_s = 0.3
+    alone.start()
+    alone._thread.join(10)
+    assert exited == [exits.NODE_LOST]
+    assert recorded[0].host == "n2" and recorded[0].step == 41 and recorded[0].silent_s > 0.3
+    assert alone.read("n1") is not None and alone.count >= 2  # it beat meanwhile
