@@ -20,4 +20,5 @@ bench-smoke: setup
 	.venv/bin/python -m bench.checkpoint --smoke
 	.venv/bin/python -m bench.finetune --smoke
 	.venv/bin/python -m bench.track_overhead --smoke
+	.venv/bin/python -m bench.startup --smoke
 	.venv/bin/python -m bench.chaos --smoke --workdir runs/chaos-smoke

@@ -51,6 +51,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=_cost_rank)  # stable: within a rank, the files' own order
 
 
+def pytest_collection_finish(session):
+    # What collection imported (torch, transformers, the test modules) lives as long as the
+    # worker: no collection of the suite's hundreds needs to rescan it.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, worker_id):
     """The run directory of an uninterrupted run of the test config, per world size, made once
