@@ -95,47 +95,40 @@ class LocalCluster:
         process forked meanwhile goes too); how many. The controller learns of it as of a real
         node: its slurmd stops answering (SlurmdTimeout)."""
         import signal
+
+        return self._signal_node(node, signal.SIGKILL)
+
+    def vanish_node(self, node: str) -> int:
+        """`node` vanishes without a word, as on a power loss or a kernel panic: every process
+        on it stopped (SIGSTOP, slurmd first, until none is left running), then its link cut,
+        so that no connection to it closes and nothing more comes from it; how many processes.
+        `fail_node` then `up()` bring it back (the link too)."""
+        import signal
+
+        stopped = self._signal_node(node, signal.SIGSTOP)
+        proc.run(["ip", "link", "set", f"tpv{self.port}{node}", "down"], timeout=30)
+        return stopped
+
+    def _signal_node(self, node: str, sig: int) -> int:
+        """`sig` to every process of `node`'s namespace, its slurmd first, again for any that
+        appeared meanwhile, until none is left unsignalled; how many."""
         import time
 
         pid_file = self.state_dir / f"slurmd-{node}.pid"
         slurmd = int(pid_file.read_text()) if pid_file.exists() else None
-        killed: set[int] = set()
+        done: set[int] = set()
         for _ in range(50):
-            pids = [p for p in self.node_pids(node) if p not in killed]
+            pids = [p for p in self.node_pids(node) if p not in done]
             if not pids:
                 break
             for pid in sorted(pids, key=lambda p: p != slurmd):
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
+                    os.kill(pid, sig)
+                    done.add(pid)
                 except ProcessLookupError:
                     pass
             time.sleep(0.05)
-        return len(killed)
-
-
-    def vanish_node(self, node: str) -> int:
-        """`node` vanishes without a word, as on a power loss or a kernel panic: every process
-        on it stopped (SIGSTOP, until none is left running), then its link cut, so that no
-        connection to it closes and nothing more comes from it; how many processes. `up()`
-        after `fail_node` brings it back (the link too)."""
-        import signal
-        import time
-
-        stopped: set[int] = set()
-        for _ in range(50):
-            pids = [p for p in self.node_pids(node) if p not in stopped]
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                    stopped.add(pid)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.05)
-        proc.run(["ip", "link", "set", f"tpv{self.port}{node}", "down"], timeout=30)
-        return len(stopped)
+        return len(done)
 
 
 def free_port_pair() -> int:

@@ -179,8 +179,8 @@ def node_heartbeat(cfg: Config, paths: RunPaths, dist: Dist, env: DistEnv,
 
     timeout_s = cfg.train.node_timeout_s
     host = socket.gethostname()
-    hosts = dist.all_gather_object(host) if dist.world_size > 1 else [host]
-    if timeout_s <= 0 or len(set(hosts)) < 2:
+    hosts = dist.all_gather_object(host) if dist.world_size > 1 and timeout_s > 0 else [host]
+    if len(set(hosts)) < 2:
         yield None
         return
     mark = dist.broadcast_object(f"{os.getpid()}-{time.time_ns()}" if dist.is_main else None)
