@@ -28,8 +28,38 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
 fi
 echo "setup: creating .venv with the pinned packages of requirements.lock" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# torch first and exactly: anything else that asks for torch would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q -c requirements.lock "torch==$(grep -i '^torch==' requirements.lock | cut -d= -f3)"
-.venv/bin/python -m pip install -q -c requirements.lock -r requirements.lock
-.venv/bin/python -m pip install -q -c requirements.lock --no-deps -e ".[dev]"
+torch_pin="torch==$(grep -i '^torch==' requirements.lock | cut -d= -f3)"
+uv_pin="uv==$(grep -i '^uv==' requirements.lock | cut -d= -f3)"
+
+# uv (pinned in requirements.lock) installs the same pins in about 20 s where pip takes about 65;
+# it is told pip's own configuration (indexes, find-links, constraints, certificate), so both
+# draw from the same places. Any failure falls back to pip, which needs nothing else.
+uv_install() {
+  .venv/bin/python -m pip install -q -c requirements.lock "$uv_pin" || return 1
+  local args=() line key value item
+  while IFS= read -r line; do
+    key=${line%%=*}; key=${key#*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
+    case "$key" in
+      index-url) args+=(--index-url "$value") ;;
+      extra-index-url) for item in $value; do args+=(--extra-index-url "$item"); done ;;
+      find-links) for item in $value; do args+=(--find-links "$item"); done ;;
+      constraint) for item in $value; do args+=(--constraint "$item"); done ;;
+      no-index) args+=(--no-index) ;;
+      cert) export SSL_CERT_FILE="$value" ;;
+    esac
+  done < <(.venv/bin/python -m pip config list 2>/dev/null)
+  # pip weighs every index's versions; uv's default stops at the first index that has the name.
+  local uv=(.venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match
+            "${args[@]}")
+  "${uv[@]}" --compile-bytecode -c requirements.lock -r requirements.lock "$torch_pin" &&
+    "${uv[@]}" -c requirements.lock --no-deps -e ".[dev]"
+}
+
+if ! uv_install; then
+  echo "setup: uv could not install the pins; installing with pip instead" >&2
+  # torch first and exactly: anything else that asks for torch would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q -c requirements.lock "$torch_pin"
+  .venv/bin/python -m pip install -q -c requirements.lock -r requirements.lock
+  .venv/bin/python -m pip install -q -c requirements.lock --no-deps -e ".[dev]"
+fi
 echo "$key" > "$stamp"

@@ -100,12 +100,19 @@ def model_config(cfg: Config, dtype: torch.dtype):
     return AutoConfig.for_model(m.arch, **fields)
 
 
-def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
-                 load_universal: bool = False):
-    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
+def import_libraries():
+    """What `build_engine` needs of DeepSpeed and transformers (most of a rank's start-up
+    imports): deepspeed, AutoModelForCausalLM, HfDeepSpeedConfig."""
     deepspeed = adapter.import_deepspeed()
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+    return deepspeed, AutoModelForCausalLM, HfDeepSpeedConfig
+
+
+def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
+                 load_universal: bool = False):
+    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
+    deepspeed, AutoModelForCausalLM, HfDeepSpeedConfig = import_libraries()
 
     dtype = precision(cfg, cuda)
     conf = ds_config(cfg, layout, dtype, offload if cuda else "none", load_universal)

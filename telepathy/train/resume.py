@@ -56,7 +56,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
     """The set-up phases (phases.py) in order, then the training loop; the exit code."""
     from ..checkpoint import rng
     from ..checkpoint.manager import CheckpointManager
-    from ..engine.build import build_engine, count_parameters, count_trainable, has_frozen
+    from ..engine.build import build_engine, count_parameters, count_trainable, has_frozen, import_libraries
     from . import phases
     from .inputs import make_plan
     from .steps import EngineSteps
@@ -113,6 +113,8 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         layout = layout_at(first)
         switches = [(c["from_step"], layout_at(c["from_step"])) for c in carries
                     if c["from_step"] > first]
+        import_libraries()
+        freeze_imports()
         engine = build_engine(cfg, layout, device.cuda, placement.offload,
                               load_universal=resumable.universal is not None)
         checkpoints.attach(engine)
@@ -175,6 +177,18 @@ def execute(config: str | Path, run_dir: str | Path, flag: PreemptionFlag,
     except TelepathyError as exc:
         log.error("%s", exc)
         return exits.BAD_INPUT
+
+
+def freeze_imports() -> None:
+    """Mid start-up, once the engine's libraries are imported, when `main` turned the cyclic
+    collector off: freeze every object so far (about 600,000, nearly all of them the modules'),
+    so that the collections still to come before the first step do not scan them. DeepSpeed
+    runs one itself while it sets up ZeRO-3 (`gc.collect()` in its `defragment`), and
+    `settle_gc` another. The price: the few thousand cyclic objects that imports leave behind
+    (about 10,000, a few MB, counted on the tiny config) are kept, not freed. Measured on 2
+    cores: 0.48 s less CPU of 3.9 s for a one-step run (bench/startup.py)."""
+    if not gc.isenabled():
+        gc.freeze()
 
 
 def settle_gc() -> None:

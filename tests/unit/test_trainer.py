@@ -345,18 +345,22 @@ def test_start_up_runs_without_the_cyclic_collector_and_training_with_it():
     import gc
     import weakref
 
-    from telepathy.train.resume import settle_gc
+    from telepathy.train.resume import freeze_imports, settle_gc
 
     class Node:
         pass
 
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
+    freeze_imports()
     settle_gc()  # the collector was on (an in-process caller): nothing changes
     assert gc.isenabled() and gc.get_freeze_count() == frozen
     gc.disable()  # as `telepathy resume` starts
     try:
-        a, b = Node(), Node()
+        freeze_imports()  # once the engine's libraries are imported
+        assert gc.get_freeze_count() > frozen, "the collections of start-up would rescan them"
+        frozen = gc.get_freeze_count()
+        a, b = Node(), Node()  # made after that freeze, as the model and the engine are
         a.other, b.other = b, a  # a reference cycle made during start-up
         gone = weakref.ref(a)
         del a, b
