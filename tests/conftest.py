@@ -15,9 +15,10 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # and --no-loadscope-reorder): most tests spend their time waiting (for SLURM to schedule and
 # requeue, for a held save, for a signal's lead time), so a third worker overlaps the waits.
 # Each work unit goes to the next free worker in collection order, so the slowest come first:
-# the jobs on the local cluster, then the other real processes, then the unit tests. A file is
-# one unit (its module fixtures made once), except the files of SPREAD, whose tests go to the
-# workers one by one (each worker brings up its own cluster).
+# the jobs on the local cluster, then the longest other real processes (LONG_FIRST), then the
+# other real processes, then the unit tests. A file is one unit (its module fixtures made once),
+# except the files of SPREAD, whose tests go to the workers one by one (each worker brings up its
+# own cluster).
 # (xdist's own --dist loadgroup cannot do this under pytest 9: it renames `item._nodeid`, which
 # pytest 9 no longer reads, so its groups are silently ignored.)
 SPREAD = ("tests/slurm/", "tests/integration/test_resume.py",
@@ -40,11 +41,31 @@ def pytest_xdist_make_scheduler(config, log):
     return ByCost(config, log)
 
 
-def _cost_rank(item) -> int:
+# The longest units of tests/integration (`--durations`, 2026-12-04: 50-115 s each, a whole file
+# where it is one unit), handed out first, in this order, so that the suite does not end on one
+# of them while the other workers have nothing left.
+LONG_FIRST = ("tests/integration/test_real_text.py",
+              "tests/integration/test_track.py::test_one_tracker_run",
+              "tests/integration/test_launch_local.py::test_local_executor_time_limit",
+              "tests/integration/test_interop.py",
+              "tests/integration/test_finetune.py::test_lora_resumes_bit_for_bit_after_sigterm",
+              "tests/integration/test_never_hang.py::test_one_rank_out_of_memory",
+              "tests/integration/test_resume.py::test_sigkill_at_each_point",
+              "tests/integration/test_resume.py::test_resume_after_sigterm",
+              "tests/integration/test_package.py",
+              "tests/integration/test_bench.py::test_chaos_benchmark_smoke",
+              "tests/integration/test_bench.py::test_finetune_benchmark_smoke",
+              "tests/integration/test_watch.py")
+
+
+def _cost_rank(item) -> tuple[int, int]:
     path = item.nodeid.split("::")[0]
     if item.get_closest_marker("slurm"):
-        return 0 if "chaos" in item.nodeid else 1
-    return 2 if path.startswith("tests/integration/") else 3
+        return (0 if "chaos" in item.nodeid else 1), 0
+    if path.startswith("tests/integration/"):
+        long = [i for i, prefix in enumerate(LONG_FIRST) if item.nodeid.startswith(prefix)]
+        return (2, long[0]) if long else (3, 0)
+    return 4, 0
 
 
 def pytest_collection_modifyitems(config, items):
