@@ -45,12 +45,13 @@ uv_install() {
   local args=() line key value item
   while IFS= read -r line; do
     key=${line%%=*}; key=${key#*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
+    value=${value//\\n/ }  # pip prints a multi-line value with its newlines as \n
     case "$key" in
       index-url) args+=(--index-url "$value") ;;
       extra-index-url) for item in $value; do args+=(--extra-index-url "$item"); done ;;
       find-links) for item in $value; do args+=(--find-links "$item"); done ;;
       constraint) for item in $value; do args+=(--constraint "$item"); done ;;
-      no-index) args+=(--no-index) ;;
+      no-index) case "$value" in 1|[Tt]rue|yes|on) args+=(--no-index) ;; esac ;;
       cert) export SSL_CERT_FILE="$value" ;;
     esac
   done < <(.venv/bin/python -m pip config list 2>/dev/null)
