@@ -5,10 +5,11 @@ checkpoints.
     telepathy checkpoint verify RUN_DIR          # every file against its manifest
     telepathy checkpoint prune  RUN_DIR --keep K # keep the newest K that verify
 
-Table: step, status (valid, corrupt, incomplete; `list` says complete), size, files, world
-size, age. `--json` prints the rows. Exit status: 0 the newest checkpoint is valid (complete,
-for list), 1 it is not, 2 no checkpoint or bad input. `prune` refuses while a live job holds the
-run (its saves would race the deletion) unless --force.
+Table: step (marked `(best)` for the best checkpoint of checkpoint.keep_best), status (valid,
+corrupt, incomplete; `list` says complete), size, files, world size, age. `--json` prints the
+rows. Exit status: 0 the newest checkpoint is valid (complete, for list), 1 it is not, 2 no
+checkpoint or bad input. `prune` refuses while a live job holds the run (its saves would race
+the deletion) unless --force.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def table(rows: list[dict[str, Any]], title: str) -> Table:
         t.add_column(col, justify="right")
     colour = {"valid": "green", "complete": "green", "corrupt": "red", "incomplete": "yellow"}
     for r in rows:
-        t.add_row(str(r["step"]), f"[{colour[r['status']]}]{r['status']}[/]", _size(r["bytes"]),
+        t.add_row(f"{r['step']}{' (best)' if r.get('best') else ''}",
+                  f"[{colour[r['status']]}]{r['status']}[/]", _size(r["bytes"]),
                   str(r["files"] or "-"), str(r["world_size"] or "-"), _age(r["age_s"]))
     return t
 
@@ -136,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     now = time.time()
     dirs = sorted((p for p in paths.checkpoints.iterdir()
                    if p.is_dir() and checkpoint_step(p.name) is not None), reverse=True)
-    rows = [describe(p, args.command == "verify", now) for p in dirs]
+    best = directory.best_step(paths)
+    rows = [{**describe(p, args.command == "verify", now),
+             "best": checkpoint_step(p.name) == best} for p in dirs]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -8,6 +8,7 @@ visibly incomplete, never complete and damaged.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from ..core.fsutil import fsync_dir
 from ..core.paths import RunPaths, checkpoint_step
 from ..testing.faults import FaultPlan
-from .manifest import MANIFEST, parse_manifest
+from .manifest import MANIFEST, STATE, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,19 @@ def complete_steps(checkpoints: Path) -> list[int]:
     return sorted(s for s, p in candidates(checkpoints) if is_complete(p))
 
 
+def best_step(paths: RunPaths) -> int | None:
+    """The step of the run's best checkpoint (checkpoint.keep_best: the lowest eval_loss so
+    far), as the newest complete checkpoint records it; None when it records none."""
+    for _, ckpt in candidates(paths.checkpoints):
+        if is_complete(ckpt):
+            try:
+                best = json.loads((ckpt / STATE).read_text()).get("best")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return best.get("step") if isinstance(best, dict) else None
+    return None
+
+
 def remove(ckpt: Path, faults: FaultPlan = FaultPlan(), rank: int = 0) -> None:
     """Delete a checkpoint so that a crash half-way leaves it visibly incomplete."""
     manifest = ckpt / MANIFEST
@@ -70,12 +84,14 @@ def prune(paths: RunPaths, keep: int, check: Callable[[Path], bool] | None = Non
 
     Fewer than `keep` passing checkpoints: no complete checkpoint is deleted. A complete one that
     fails `check` but is newer than the oldest kept stays, for inspection, and so does one whose
-    manifest exists but is damaged (resume moves it to rejected/).
+    manifest exists but is damaged (resume moves it to rejected/). The best checkpoint (as the
+    newest complete one records it: `best_step`) is kept beside the newest `keep`.
     """
     found = candidates(paths.checkpoints)
     complete = [(s, p) for s, p in found if is_complete(p)]
     if not complete:
         return []
+    best = best_step(paths)
     kept = []
     for step, ckpt in complete:
         if len(kept) == keep:
@@ -85,7 +101,7 @@ def prune(paths: RunPaths, keep: int, check: Callable[[Path], bool] | None = Non
     oldest_kept = kept[-1] if len(kept) == keep else -1
     newest = complete[0][0]
     leftovers = [p for s, p in found if not (p / MANIFEST).exists() and s < newest]
-    doomed = [p for s, p in complete if s < oldest_kept] + leftovers
+    doomed = [p for s, p in complete if s < oldest_kept and s != best] + leftovers
     for ckpt in sorted(doomed):
         remove(ckpt, faults, rank)
     if doomed:

@@ -116,6 +116,10 @@ class DataConfig:
     """Tokens per training sample (each sample reads seq_len + 1 tokens)."""
     seed: int = 1234
     """Seed of the per-epoch sample permutation (and of the synthetic corpus)."""
+    packing: bool = True
+    """For a file of examples (`telepathy data prepare --format chat|prompt-completion`): pack
+    several examples into each row of seq_len tokens, none attending to another (position ids
+    restart at each example); false: one example a row, padded. A token file ignores it."""
 
     def __post_init__(self) -> None:
         _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be a positive integer")
@@ -203,6 +207,10 @@ class CheckpointConfig:
     """Newest complete checkpoints to keep (at least 2, so one always survives a bad save)."""
     async_save: bool = True
     """Write checkpoints in the background: training waits only for the copy to host memory."""
+    keep_best: bool = False
+    """Keep the checkpoint with the lowest eval_loss beside the newest `keep`: a checkpoint is
+    written at every evaluation that improves on the best, and never pruned while it is the
+    best (needs eval.path and eval.every_steps)."""
     hash: str = "xxh3_128"
     """Checksum of every chunk of every file, recorded in each manifest: xxh3_128 (fast; catches
     accidental damage), blake3 or sha256 (cryptographic). Older checkpoints verify with theirs."""
@@ -214,6 +222,30 @@ class CheckpointConfig:
         _require(self.every_min >= 0, "checkpoint.every_min", self.every_min, "must be >= 0")
         _require(self.keep >= 2, "checkpoint.keep", self.keep,
                  "keep at least 2 so a failed save never leaves the run without a checkpoint")
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = None
+    """A prepared file of held-out examples (any format `telepathy data prepare` writes; a token
+    file is read in windows of data.seq_len + 1). None: no evaluation."""
+    every_steps: int = 0
+    """Evaluate after every this many optimizer steps, and after the last; 0 turns it off."""
+    max_examples: int = 0
+    """Evaluate on the file's first this many examples (windows of a token file); 0: all."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "eval.every_steps", self.every_steps,
+                 "must be >= 0 (0 turns evaluation off)")
+        _require(self.max_examples >= 0, "eval.max_examples", self.max_examples,
+                 "must be >= 0 (0: every example of eval.path)")
+        _require(self.every_steps == 0 or self.path is not None, "eval.every_steps",
+                 self.every_steps, "set eval.path to a prepared validation file, or set "
+                 "eval.every_steps to 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None and self.every_steps > 0
 
 
 @dataclass
@@ -396,8 +428,12 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        _require(not self.checkpoint.keep_best or self.eval.enabled, "checkpoint.keep_best",
+                 self.checkpoint.keep_best, "the best checkpoint is chosen by eval_loss: set "
+                 "eval.path and eval.every_steps > 0, or keep_best to false")
         if self.model.pretrained_path is None:  # else: checked against its config.json
             _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                      self.data.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")

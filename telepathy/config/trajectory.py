@@ -13,6 +13,7 @@ TRAJECTORY_KEYS = (
     "train.steps", "train.global_batch", "train.seed", "train.lr", "train.min_lr",
     "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2", "train.eps",
     "train.grad_clip",
+    "eval.path", "eval.max_examples",  # the best checkpoint compares evaluations of one set
 )
 
 

@@ -42,6 +42,8 @@ class Event(StrEnum):
     REQUEUE_REFUSED = "requeue_refused"
     TRACKING = "tracking"
     TRACKER_FAILED = "tracker_failed"
+    BEST_CHECKPOINT = "best_checkpoint"
+    EVAL_STOPPED = "eval_stopped"
 
 
 STAMP_FIELDS = ("time", "restart", "job_id", "world_size")
@@ -103,6 +105,11 @@ EVENTS: dict[Event, tuple[str, str]] = {
                      "tracker, where, hwm, resume_step, skipped"),
     Event.TRACKER_FAILED: ("a tracker raised: dropped for the rest of the allocation; the next "
                            "one sends what it missed", "tracker, error"),
+    Event.BEST_CHECKPOINT: ("an evaluation improved on the best eval_loss so far: this step's "
+                            "checkpoint is the best (checkpoint.keep_best keeps it)",
+                            "step, eval_loss, previous_step, previous_eval_loss"),
+    Event.EVAL_STOPPED: ("a preemption signal came during an evaluation: it stopped unfinished "
+                         "and is done again after the resume", "step, signal"),
 }
 """What each event means and the fields it carries beyond the stamp."""
 
@@ -110,6 +117,10 @@ METRICS_FIELDS = ("step", "loss", "lr", "world_size", "micro_batch", "accum", "r
                   "step_time_s", "tokens_per_s", "samples_per_s", "job_id", "grad_norm",
                   "gpu_mem_peak_gb")
 """Columns of a metrics.jsonl line (one per optimizer step; gpu_mem_peak_gb on CUDA only)."""
+
+EVAL_FIELDS = ("step", "eval_loss", "eval_tokens", "eval_rows", "eval_s", "world_size", "restart",
+               "time", "job_id")
+"""Columns of an evaluation's metrics.jsonl line (eval.every_steps; it has no `loss`)."""
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,19 @@ def open_tokens(path: str | Path, dtype: str) -> np.ndarray:
 
 
 class TokenStream:
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, vocab_size: int):
+    """`shuffle` off reads the windows in file order (an evaluation); `limit` > 0 keeps the
+    first `limit` windows only."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, vocab_size: int,
+                 shuffle: bool = True, limit: int = 0):
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.vocab_size = vocab_size
+        self.shuffle = shuffle
         self.num_samples = (len(tokens) - 1) // seq_len
+        if limit > 0:
+            self.num_samples = min(self.num_samples, limit)
         if self.num_samples < 1:
             raise DataError(f"the data holds {len(tokens)} tokens, fewer than one sample of "
                             f"data.seq_len + 1 = {seq_len + 1}; use more data or a smaller seq_len")
@@ -83,6 +90,8 @@ class TokenStream:
         return DataPosition(*divmod(sample_index, self.num_samples))
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
         if epoch != self._perm_epoch:
             rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
             self._perm = rng.permutation(self.num_samples)
@@ -107,6 +116,21 @@ class TokenStream:
                             f"{self.vocab_size}; tokenize with the model's vocabulary or raise "
                             "model.vocab_size")
         return batch
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.num_samples
+
+    def inputs(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """input_ids and labels (the next tokens), each (len(sample_ids), seq_len) int64."""
+        batch = self.batch(sample_ids)
+        return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+
+    def loss_tokens(self, sample_ids: np.ndarray) -> int:
+        """Every token of a window counts."""
+        return len(sample_ids) * self.seq_len
+
+    real_tokens = loss_tokens
 
 
 def rank_slice(step_ids: np.ndarray, micro_step: int, rank: int, world: int, micro: int) -> np.ndarray:

@@ -46,6 +46,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return (t / self.world_size).item()
 
+    def sum(self, values: Sequence[float | torch.Tensor]) -> list[float]:
+        """Element-wise sums of scalars across ranks, in float64 (one all-reduce)."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(())
+                         for v in values]).to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [float(v) for v in t.tolist()]
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)

@@ -5,6 +5,7 @@ Hugging Face model directory that `AutoModelForCausalLM.from_pretrained(DIR)` lo
     telepathy export runs/llama --out models/llama-4k --step 4000 --dtype bfloat16
     telepathy export runs/lora --out models/lora-merged         # LoRA merged into the base
     telepathy export runs/lora --out models/lora --adapter      # the adapter, as peft saves it
+    telepathy export runs/sft --out models/sft-best --best      # checkpoint.keep_best's best
 
 Exit status: 0 exported, 2 bad input (no valid checkpoint, --out exists, a bad --step), 1 crash.
 """
@@ -23,6 +24,21 @@ from .shards import parse_size
 log = logging.getLogger("telepathy.export")
 
 
+def best_step(run_dir: str, step: int | None) -> int:
+    """The step of the run's best checkpoint, or an error that says why there is none."""
+    from ..checkpoint.directory import best_step as recorded
+    from ..core.paths import RunPaths
+
+    if step is not None:
+        raise TelepathyError(f"--best and --step {step}: give one of them")
+    best = recorded(RunPaths.at(run_dir))
+    if best is None:
+        raise TelepathyError(f"--best: the newest checkpoint of {run_dir} records no best "
+                             "checkpoint; run with eval.path, eval.every_steps and "
+                             "checkpoint.keep_best: true, or export with --step")
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     logs.configure(0)
     p = argparse.ArgumentParser(prog="telepathy export", description=__doc__,
@@ -31,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the model directory to create (must not exist)")
     p.add_argument("--step", type=int, help="export this step's checkpoint (default: the newest "
                                             "that verifies)")
+    p.add_argument("--best", action="store_true",
+                   help="export the best checkpoint (the lowest eval_loss; checkpoint.keep_best)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--adapter", action="store_true",
@@ -40,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     args = p.parse_args(argv)
     try:
+        if args.best:
+            args.step = best_step(args.run_dir, args.step)
         shard_bytes = parse_size(args.shard_size)
         from .hf import as_dict, export  # torch and transformers: after the arguments are checked
 

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from ..config.schema import Config
-from ..core.errors import TelepathyError
+from ..core.errors import DataError, TelepathyError
 from ..data import sidecar
+from ..data.exfile import Examples, is_examples_file
 from ..data.stream import open_tokens
 from ..plan.model import limits, model_shape
 from ..plan.placement import Plan, plan, request_for
@@ -34,10 +35,37 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
         meta = sidecar.read(cfg.data.path)
         if meta is not None:
             sidecar.check(cfg, meta, vocab if cfg.model.pretrained_path else None)
-        open_tokens(cfg.data.path, cfg.data.dtype)
+        check_readable(cfg.data.path, cfg.data.dtype, "data.path")
+    if cfg.eval.path is not None:
+        check_eval_file(cfg, vocab)
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
     check_trackers(cfg)
     return meta
+
+
+def check_readable(path: str, dtype: str, key: str) -> None:
+    """A token file maps as `dtype` tokens; a file of examples opens (its offsets agree)."""
+    if not Path(path).is_file():
+        raise DataError(f"{key}={path!r} does not exist; prepare it with telepathy data prepare")
+    if is_examples_file(path):
+        Examples(path)
+    else:
+        open_tokens(path, dtype)
+
+
+def check_eval_file(cfg: Config, vocab: int) -> None:
+    """eval.path opens, and its tokens fit the model's vocabulary (its sidecar says)."""
+    check_readable(cfg.eval.path, cfg.data.dtype, "eval.path")
+    meta = sidecar.read(cfg.eval.path) or {}
+    if meta.get("vocab_size", 0) > vocab:
+        raise DataError(f"eval.path={cfg.eval.path!r} was tokenized with {meta.get('tokenizer')!r}"
+                        f", a vocabulary of {meta['vocab_size']} tokens, more than the model's "
+                        f"{vocab}; prepare it with the training data's tokenizer")
+    train = sidecar.read(cfg.data.path) if cfg.data.path else None
+    if train and meta and train.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
+        raise DataError(f"eval.path={cfg.eval.path!r} and data.path={cfg.data.path!r} were "
+                        "prepared with different tokenizers (their sidecars' tokenizer_sha256 "
+                        "differ); prepare both with the same one")
 
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard",), "wandb": ("wandb",),

@@ -37,6 +37,8 @@ from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
 from ..core.paths import RunPaths
 from ..core.proc import CommandError
 from ..core.runlock import RunLock
+from ..data.examples import ExampleStream
+from ..data.exfile import Examples, is_examples_file
 from ..data.stream import TokenStream, generate_corpus, open_tokens, write_corpus
 from ..engine import adapter, distributed
 from ..engine.distributed import Dist
@@ -418,8 +420,9 @@ def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths
 
 
 # -- data, engine, and where to start ------------------------------------------------------------
-def token_stream(cfg: Config, paths: RunPaths, dist: Dist) -> TokenStream:
-    """The run's data: data.path, or a synthetic corpus made once in the run directory."""
+def token_stream(cfg: Config, paths: RunPaths, dist: Dist, data: dict | None = None) -> Any:
+    """The run's data: data.path (a token file, or a file of examples: rows of packed
+    examples), or a synthetic corpus made once in the run directory."""
     path = cfg.data.path
     vocab = limits(cfg)[0]  # a pretrained model's own vocabulary, else model.vocab_size
     if path is None:
@@ -430,7 +433,33 @@ def token_stream(cfg: Config, paths: RunPaths, dist: Dist) -> TokenStream:
                                                  cfg.data.seed))
         dist.barrier()
         path = corpus
-    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed, vocab)
+    return open_stream(cfg, path, vocab, data)
+
+
+def open_stream(cfg: Config, path: str | Path, vocab: int, meta: dict | None,
+                evaluation: bool = False) -> Any:
+    """A token file read in windows, or a file of examples read in rows; for an evaluation
+    in file order, its first eval.max_examples."""
+    limit = cfg.eval.max_examples if evaluation else 0
+    if is_examples_file(path):
+        pad = (meta or {}).get("pad_token_id")
+        return ExampleStream(Examples(path), cfg.data.seq_len, cfg.data.seed, vocab,
+                             cfg.data.packing, 0 if pad is None else int(pad),
+                             shuffle=not evaluation, limit=limit)
+    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed, vocab,
+                       shuffle=not evaluation, limit=limit)
+
+
+def evaluator(cfg: Config, dist: Dist, micro_batch: int, faults: Any) -> Any:
+    """The validation of eval.path (None when it is not set)."""
+    if cfg.eval.path is None:
+        return None
+    from ..data import sidecar
+    from .evaluate import Evaluator
+
+    stream = open_stream(cfg, cfg.eval.path, limits(cfg)[0], sidecar.read(cfg.eval.path),
+                         evaluation=True)
+    return Evaluator(stream, dist, micro_batch, faults)
 
 
 SOURCE_STAMP = ".prepared-with-sha256"
@@ -475,6 +504,8 @@ class Start:
     step: int = 0
     train_time_s: float = 0.0
     samples_seen: int | None = None
+    evaluated: dict | None = None
+    """The checkpoint's record of its evaluations: {"eval": {"last_step"}, "best"}."""
 
 
 def restore(checkpoints: CheckpointManager, engine: Any, resumable: Resumable, cfg: Config,
@@ -500,4 +531,5 @@ def restore(checkpoints: CheckpointManager, engine: Any, resumable: Resumable, c
     events.emit(Event.RESUME, step=found.step, checkpoint=found.path.name,
                 verify_s=round(resumable.verify_s, 3), load_s=round(load_s, 3),
                 files_read_once=checkpoints.loaded_from_memory)
-    return Start(found.step, found.state.get("train_time_s", 0.0), found.state.get("samples_seen"))
+    return Start(found.step, found.state.get("train_time_s", 0.0), found.state.get("samples_seen"),
+                 {k: found.state.get(k) for k in ("eval", "best")})

@@ -51,6 +51,8 @@ class Steps(Protocol):
 
     engine: Any
     """What checkpoints save (the DeepSpeed engine)."""
+    last_tokens: int | None
+    """Tokens of the last step's global batch that are not padding (None: every token)."""
 
     def run(self, step: int, samples_seen: int, layout: Layout) -> tuple[float, float]:
         """Optimizer step `step` (0-based) on the samples from `samples_seen` on: (global mean

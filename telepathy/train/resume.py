@@ -108,7 +108,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
         dog.expect("start-up: building the engine", info.first_step_allowance_s)
         phases.write_effective_config(cfg, paths, dist)
         phases.keep_tokenizer(data, paths, dist)
-        stream = phases.token_stream(cfg, paths, dist)
+        stream = phases.token_stream(cfg, paths, dist, data)
         first = (resumable.found.step if resumable.found else 0) + 1
         layout = layout_at(first)
         switches = [(c["from_step"], layout_at(c["from_step"])) for c in carries
@@ -147,10 +147,11 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                           layout, checkpoints, flag, run_logs.metrics, run_logs.events,
                           info, faults, time_left=lambda: phases.time_left(slurm), dump=dump,
                           watchdog=dog, carry=carry, switches=switches,
-                          before_exit=relay.stop if relay is not None else lambda budget_s: None)
+                          before_exit=relay.stop if relay is not None else lambda budget_s: None,
+                          evaluator=phases.evaluator(cfg, dist, layout.micro_batch, faults))
         dump.after_load(engine, dist, start.step)
         settle_gc()
-        return trainer.run(start.step, start.train_time_s, start.samples_seen)
+        return trainer.run(start.step, start.train_time_s, start.samples_seen, start.evaluated)
 
 
 def execute(config: str | Path, run_dir: str | Path, flag: PreemptionFlag,

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     INTERVAL_MIN = "interval_min"
     PREEMPTION = "preemption"
     FINAL = "final"
+    BEST = "best"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,19 @@ def step_save(step: int, total: int, last_saved: int, every_steps: int) -> Reaso
     if every_steps and step % every_steps == 0 and last_saved < step < total:
         return Reason.INTERVAL_STEPS
     return None
+
+
+def best_save(step: int, total: int, last_saved: int, improved: bool) -> Reason | None:
+    """Right after an evaluation that improved on the best (checkpoint.keep_best): save this
+    step so that the best is on disk; the last step's final save covers it there."""
+    return Reason.BEST if improved and last_saved < step < total else None
+
+
+def eval_due(step: int, total: int, every_steps: int, last_evaluated: int) -> bool:
+    """Whether the evaluation of step `step` is due: every eval.every_steps steps and after
+    the last, once (again after a resume whose checkpoint was saved before it finished)."""
+    return every_steps > 0 and step > last_evaluated and (step % every_steps == 0 or
+                                                          step == total)
 
 
 def time_due(now: float, last_save_time: float, every_min: float) -> bool:

@@ -29,7 +29,7 @@ from ..plan.placement import Layout, smaller
 from ..testing.faults import FaultPlan
 from ..testing.statedump import StateDump
 from .protocols import Checkpoints, Collective, DataPosition, Flag, NoWatchdog, Progress, Steps
-from .saving import Action, Boundary, decide, step_save, time_due
+from .saving import Action, Boundary, best_save, decide, eval_due, step_save, time_due
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class Trainer:
                  dump: StateDump = StateDump(), watchdog: Progress = NoWatchdog(),
                  carry: Callable[[Layout, int, BaseException], None] | None = None,
                  switches: list[tuple[int, Layout]] = (),
-                 before_exit: Callable[[float], None] = lambda budget_s: None):
+                 before_exit: Callable[[float], None] = lambda budget_s: None,
+                 evaluator: Any = None):
         self.cfg = cfg
         self.dist = dist
         self.steps = steps
@@ -96,6 +97,12 @@ class Trainer:
         take: the tracker relay's flush (the other ranks wait for it in the last barrier)."""
         self.switches = dict(switches)
         """Layouts carried from earlier allocations, by the (1-based) step they start at."""
+        self.evaluator = evaluator
+        """Runs the validation (evaluate.Evaluator); None: eval.path is not set."""
+        self.last_evaluated = 0
+        """The step of the newest finished evaluation."""
+        self.best: dict[str, Any] | None = None
+        """The lowest eval_loss so far and its step: {"step", "eval_loss"}."""
         self.train_time_s = 0.0
         self.last_save_time = time.time()
         self.samples_seen = 0
@@ -172,7 +179,8 @@ class Trainer:
                 "accum": self.layout.accum, "restart": self.info.restart,
                 "train_time_s": self.train_time_s, "job_id": self.info.job_id,
                 "telepathy_version": __version__, "time": time.time(),
-                "config": self.cfg.to_dict(), "data": self.info.data}
+                "config": self.cfg.to_dict(), "data": self.info.data,
+                "eval": {"last_step": self.last_evaluated}, "best": self.best}
 
     def save(self, step: int, reason: str, wait: bool = False) -> bool:
         """Start a checkpoint of `step` (finished in the background unless `wait`).
@@ -303,19 +311,28 @@ class Trainer:
         self.dist.barrier()  # leave together: srun stops the others when one rank exits
         return code
 
-    def run(self, start_step: int, train_time_s: float = 0.0, samples_seen: int | None = None) -> int:
+    def run(self, start_step: int, train_time_s: float = 0.0, samples_seen: int | None = None,
+            evaluated: dict[str, Any] | None = None) -> int:
         """Train from `start_step` to the end. Returns 0 when finished, the preemption code if not.
 
-        `samples_seen` is the data position (default: start_step global batches)."""
+        `samples_seen` is the data position (default: start_step global batches); `evaluated`
+        the checkpoint's record of its evaluations ({"eval": ..., "best": ...})."""
         total = self.cfg.train.steps
         self.train_time_s = train_time_s
         self.samples_seen = start_step * self.layout.global_batch if samples_seen is None \
             else samples_seen
+        self.last_evaluated = ((evaluated or {}).get("eval") or {}).get("last_step", 0)
+        self.best = (evaluated or {}).get("best")
         last_saved = start_step
         step = start_step
         self.watchdog.expect(f"the first step ({start_step + 1}) after start-up",
                              self.info.first_step_allowance_s)
         while True:
+            improved = self.evaluate(step)
+            reason = step_save(step, total, last_saved, self.cfg.checkpoint.every_steps) or \
+                best_save(step, total, last_saved, improved)
+            if reason and self.save(step, reason):
+                last_saved = step
             boundary, last_saved = self.boundary(step, last_saved)
             decision = decide(boundary)
             if decision.action is not Action.TRAIN:
@@ -334,12 +351,42 @@ class Trainer:
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; lower train.lr or check "
                                          "the data")
-            reason = step_save(step, total, last_saved, self.cfg.checkpoint.every_steps)
-            if reason and self.save(step, reason):
-                last_saved = step
+
+    # -- validation -------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> bool:
+        """Collective: the evaluation of step `step` when one is due; whether it improved on the
+        best and checkpoint.keep_best wants this step saved. A preemption signal stops it
+        unfinished (nothing written): the boundary then saves and leaves, and the resumed run
+        evaluates this step again."""
+        if self.evaluator is None or not eval_due(step, self.cfg.train.steps,
+                                                  self.cfg.eval.every_steps, self.last_evaluated):
+            return False
+        self.watchdog.expect(f"evaluating after step {step}")
+        result = self.evaluator.run(self.steps.engine, step, self.flag, self.watchdog.progress)
+        self.watchdog.expect(f"training step {step + 1}")
+        if result is None:
+            log.warning("preemption signal during the evaluation of step %d: it stops here and "
+                        "is done again after the resume", step)
+            self.events.emit(Event.EVAL_STOPPED, step=step, signal=self.flag.name)
+            return False
+        self.last_evaluated = step
+        self.metrics.write({**result.record(), "world_size": self.dist.world_size,
+                            "restart": self.info.restart, "time": time.time(),
+                            "job_id": self.info.job_id})
+        log.info("step %d eval_loss %.4f over %d tokens (%.2f s)", step, result.loss,
+                 result.tokens, result.seconds)
+        if self.best is not None and result.loss >= self.best["eval_loss"]:
+            return False
+        previous, self.best = self.best or {}, {"step": step, "eval_loss": result.loss}
+        if not self.cfg.checkpoint.keep_best:
+            return False
+        self.events.emit(Event.BEST_CHECKPOINT, step=step, eval_loss=result.loss,
+                         previous_step=previous.get("step"),
+                         previous_eval_loss=previous.get("eval_loss"))
+        return True
 
     def log_step(self, step: int, total: int, loss: float, lr: float, elapsed: float) -> None:
-        tokens = self.layout.global_batch * self.cfg.data.seq_len
+        tokens = self.steps.last_tokens or self.layout.global_batch * self.cfg.data.seq_len
         record = {"step": step, "loss": loss, "lr": lr, "world_size": self.dist.world_size,
                   "restart": self.info.restart, "time": time.time(), "step_time_s": elapsed,
                   "tokens_per_s": tokens / elapsed,

@@ -17,6 +17,7 @@ from telepathy.core.eventlog import EventLog
 from telepathy.core.events import SaveResult, Stamp
 from telepathy.data.stream import DataPosition
 from telepathy.plan.placement import Layout
+from telepathy.train.evaluate import EvalResult
 from telepathy.train.trainer import RankOutOfMemory, RunInfo, Trainer
 
 
@@ -93,6 +94,7 @@ class FakeSteps:
     oom_at: dict = field(default_factory=dict)
     """step (1-based) -> how many times it runs out of memory."""
     engine: object = None
+    last_tokens: object = None
     done: int = 0
     asked: int = 0
     layouts: list = field(default_factory=list)
@@ -379,3 +381,67 @@ def test_resume_main_in_this_process_leaves_the_collector_as_it_found_it(tmp_pat
 
     assert main(["--config", str(tmp_path / "missing.yaml"), "--run-dir", str(tmp_path)]) == 2
     assert gc.isenabled()
+
+
+# -- validation and the best checkpoint (checkpoint.keep_best) ---------------------------------
+@dataclass
+class FakeEvaluator:
+    """Evaluation losses from a table by step; a preemption signal stops it as the real one's
+    agreement before each forward does."""
+
+    losses: dict
+    runs: list = field(default_factory=list)
+
+    def run(self, model, step, flag, progress=lambda: None):
+        self.runs.append(step)
+        if flag.is_set:
+            return None
+        return EvalResult(step, self.losses[step], 100, 4, 0.01)
+
+
+def make_eval(losses, steps=12, keep_best=True, **fakes):
+    trainer, ckpts, steps_, events = make(steps=steps, every_steps=5,
+                                          evaluator=FakeEvaluator(losses), **fakes)
+    trainer.cfg = config_from_dict({
+        **trainer.cfg.to_dict(), "eval": {"path": "val.ex", "every_steps": 3},
+        "checkpoint": {"every_steps": 5, "keep_best": keep_best}})
+    return trainer, ckpts, steps_, events
+
+
+def test_an_evaluation_that_improves_saves_its_step_and_a_worse_one_does_not():
+    losses = {3: 2.0, 6: 1.5, 9: 1.7, 12: 1.2}
+    trainer, ckpts, _, events = make_eval(losses)
+    assert trainer.run(0) == exits.FINISHED
+    assert trainer.evaluator.runs == [3, 6, 9, 12]
+    assert [(s, r) for s, r, _, _ in ckpts.saves] == [
+        (3, "best"), (5, "interval_steps"), (6, "best"), (10, "interval_steps"), (12, "final")]
+    rows = [r for r in trainer.metrics.records if "eval_loss" in r]
+    assert [(r["step"], r["eval_loss"]) for r in rows] == sorted(losses.items())
+    assert all("loss" not in r for r in rows)
+    assert [e["step"] for e in events.records if e["event"] == "best_checkpoint"] == [3, 6, 12]
+    assert trainer.state(12)["best"] == {"step": 12, "eval_loss": 1.2}
+    assert trainer.state(12)["eval"] == {"last_step": 12}
+
+
+def test_without_keep_best_evaluations_save_nothing():
+    trainer, ckpts, _, events = make_eval({3: 2.0, 6: 1.5, 9: 1.7, 12: 1.2}, keep_best=False)
+    assert trainer.run(0) == exits.FINISHED
+    assert [r for _, r, _, _ in ckpts.saves] == ["interval_steps", "interval_steps", "final"]
+    assert "best_checkpoint" not in kinds(events)
+
+
+def test_a_signal_during_an_evaluation_saves_that_step_and_the_resume_evaluates_it_again():
+    losses = {3: 2.0, 6: 1.5, 9: 1.7, 12: 1.2}
+    trainer, ckpts, _, events = make_eval(losses, flag=FakeFlag(at_step=6))
+    assert trainer.run(0) == exits.PREEMPTED
+    assert ckpts.saves[-1][:3] == (6, "preemption", True)
+    assert [r["step"] for r in trainer.metrics.records if "eval_loss" in r] == [3]
+    assert "eval_stopped" in kinds(events)
+    saved = trainer.state(6)
+    assert saved["eval"] == {"last_step": 3} and saved["best"]["step"] == 3
+
+    again, ckpts2, _, _ = make_eval(losses)
+    assert again.run(6, evaluated={"eval": saved["eval"], "best": saved["best"]}) == exits.FINISHED
+    assert again.evaluator.runs == [6, 9, 12]  # step 6 first, once
+    assert [s for s, _, _, _ in ckpts2.saves] == [10, 12]  # step 6 is on disk already
+    assert again.state(12)["best"] == {"step": 12, "eval_loss": 1.2}
