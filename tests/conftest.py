@@ -218,3 +218,42 @@ def process_group():
                                          rank=0, world_size=1)
     yield Dist(0, 1, torch.device("cpu"))
     torch.distributed.destroy_process_group()
+
+
+# -- instruction tuning: the toy chats prepared with a ChatML template, a base of their vocabulary
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory, worker_id):
+    """The toy chats (`telepathy data toy`) prepared as chat examples with their tokenizer's
+    template: {"tokenizer", "train", "val"}, made once per session, shared by the workers."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    with FileLock(str(root / "sft-data.lock")):
+        if not (root / "sft-data.done").exists():
+            support.make_sft_data(root / "sft-data")
+            (root / "sft-data.done").touch()
+    return support.sft_paths(root / "sft-data")
+
+
+@pytest.fixture(scope="session")
+def sft_reference(sft_data, tmp_path_factory, worker_id):
+    """The uninterrupted LoRA SFT run per world size (support.sft_sets), made once per session."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+
+    def get(world: int):
+        run_dir = root / f"sft-reference-w{world}" / "run"
+        with FileLock(str(root / f"sft-reference-w{world}.lock")):
+            if not (root / f"sft-reference-w{world}.done").exists():
+                rc = support.run(run_dir, world, support.sft_sets(sft_data),
+                                 config=support.SFT_CONFIG)
+                assert rc == 0, support.log_text(run_dir)
+                (root / f"sft-reference-w{world}.done").touch()
+        return run_dir
+
+    return get

@@ -112,10 +112,11 @@ PACED = {"TELEPATHY_FAULT": "step.start@*,sleep=0.1"}
 steps left, at least 0.6 s, to arrive before the 16-step run ends."""
 
 
-def save_base(out: Path, arch: str) -> Path:
+def save_base(out: Path, arch: str, tied: bool = False) -> Path:
     """A tiny pretrained model saved with `save_pretrained`, as a user's local directory would
     hold one: GPT-2 (tied embeddings, its default dropout 0.1) or Llama (grouped-query
-    attention, untied); vocabulary 256, 128 positions."""
+    attention, untied unless `tied`, as small Llama-family models are); vocabulary 256, 128
+    positions."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -125,7 +126,8 @@ def save_base(out: Path, arch: str) -> Path:
     else:
         config = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+                             tie_word_embeddings=tied)
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     return out
@@ -133,6 +135,19 @@ def save_base(out: Path, arch: str) -> Path:
 
 def lora_sets(base: Path, *more: str) -> list[str]:
     return [*LORA_SETS, f"model.pretrained_path={base}", *more]
+
+
+def safetensors_size(model_dir: Path) -> tuple[int, int]:
+    """(tensors, bytes) of the weights in a model directory's safetensors files."""
+    from safetensors import safe_open
+
+    tensors = size = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                tensors, size = tensors + 1, size + t.numel() * t.element_size()
+    return tensors, size
 
 
 def consolidated(ckpt: Path) -> dict:
@@ -252,3 +267,42 @@ class Job:
     def logs(self):
         return (self.out.read_text(errors="replace") if self.out.exists() else "") + \
                (self.err.read_text(errors="replace") if self.err.exists() else "")
+
+
+# -- instruction tuning ----------------------------------------------------------------------------
+SFT_CONFIG = str(ROOT / "configs" / "tiny-sft-cpu.yaml")
+
+
+def sft_paths(root: Path) -> dict[str, Path]:
+    return {"tokenizer": root / "tokenizer", "train": root / "train.ex", "val": root / "val.ex",
+            "base": root / "base"}
+
+
+def make_sft_data(root: Path) -> dict[str, Path]:
+    """The toy chats and their ChatML tokenizer (`telepathy data toy`), prepared as chat
+    examples, and a tiny pretrained Llama of the tokenizer's vocabulary to fine-tune."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from telepathy.data.cli import main as data_main
+    from telepathy.data.toy import make_toy
+
+    paths = sft_paths(root)
+    make_toy(root, "chatml", train=240, val=24, seed=3)
+    for split in ("train", "val"):
+        rc = data_main(["prepare", "--tokenizer", str(paths["tokenizer"]), "--format", "chat",
+                        "--quiet", "--out", str(paths[split]), str(root / f"{split}.jsonl")])
+        assert rc == 0
+    config = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(11)
+    AutoModelForCausalLM.from_config(config).save_pretrained(paths["base"])
+    return paths
+
+
+def sft_sets(data: dict[str, Path], *more: str) -> list[str]:
+    """LoRA on the tiny base, 24 steps, evaluated every 4 (the best kept), saved every 8."""
+    return [f"data.path={data['train']}", f"eval.path={data['val']}", "eval.every_steps=4",
+            f"model.pretrained_path={data['base']}", "model.lora.r=8", "train.steps=24",
+            "train.warmup_steps=3", "checkpoint.every_steps=8", "train.log_every=4", *more]

@@ -262,20 +262,29 @@ def _write_finetuned(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.
         model = AutoModelForCausalLM.from_config(model_config(cfg, torch.float32))
     model = finetune.prepare(model, cfg)
     trained = {n: adapter.materialize(w) for n, w in adapter.fp32_weights(ckpt, lazy=True).items()}
-    names = dict(model.named_parameters())
-    unknown = sorted(set(trained) - set(names) - set(dict(model.named_buffers())))
-    untrained = sorted(n for n, p in names.items() if p.requires_grad and n not in trained)
+    # A tied weight that trains is in the checkpoint under each of its names (zero_to_fp32 adds
+    # DeepSpeed's shared_params, e.g. lm_head.weight beside model.embed_tokens.weight): both
+    # name the one tensor, and loading both keeps the tie.
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    unknown = sorted(set(trained) - names - set(dict(model.named_buffers())))
+    untrained = sorted(n for n, p in model.named_parameters() if p.requires_grad
+                       and n not in trained)
     if unknown or untrained:
         raise CheckpointError(f"checkpoint {ckpt.name} does not fit the run's model: "
                               f"{len(unknown)} unknown tensors ({', '.join(unknown[:3])}), "
                               f"{len(untrained)} trained parameters missing "
                               f"({', '.join(untrained[:3])})")
+    beside = sorted(finetune.canonical(n) for n in trained if not finetune.is_lora(n))
+    if adapter_only and beside:
+        raise TelepathyError(f"--adapter: run {run} trains more than LoRA adapters "
+                             f"(model.trainable: {', '.join(beside[:3])}"
+                             f"{', ...' if len(beside) > 3 else ''}), which a peft adapter does "
+                             "not carry; export it merged (without --adapter)")
     model.load_state_dict(trained, strict=False)
     config = hf_config(state, dtype, tokenizer)
     if adapter_only:
         model.save_pretrained(tmp, safe_serialization=True)
-        files = sorted(p.name for p in tmp.iterdir())
-        return files, len(trained), sum(t.numel() * t.element_size() for t in trained.values())
+        return sorted(p.name for p in tmp.iterdir()), *_written(tmp)
     if cfg.model.lora.r > 0:
         model = model.merge_and_unload()
     model = model.to(dtype)
@@ -288,9 +297,21 @@ def _write_finetuned(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.
     for f in sorted(tokenizer.glob("*")) if tokenizer.is_dir() else []:
         if f.is_file() and not f.name.startswith(".") and f.name not in ours:
             shutil.copyfile(f, tmp / f.name)
-    state_dict = model.state_dict()
-    return (sorted(p.name for p in tmp.iterdir()), len(state_dict),
-            sum(t.numel() * t.element_size() for t in state_dict.values()))
+    return sorted(p.name for p in tmp.iterdir()), *_written(tmp)
+
+
+def _written(tmp: Path) -> tuple[int, int]:
+    """(tensors, weight bytes) of the safetensors files in `tmp`, from their headers: what was
+    written, a tied weight once (save_pretrained writes it under one name; `state_dict()` lists
+    it under each)."""
+    tensors = size = 0
+    for file in tmp.glob("*.safetensors"):
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header.pop("__metadata__", None)
+        tensors += len(header)
+        size += sum(end - start for start, end in (e["data_offsets"] for e in header.values()))
+    return tensors, size
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -79,14 +79,18 @@ def snapshot(run_dir):
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_frozen_parameters_stay_pretrained_and_a_changed_base_is_refused(base_model, tmp_path):
-    """A model.trainable run: the frozen parameters end bit for bit pretrained, the trained ones
-    changed, the checkpoint holds only those. Then one bit of the base flips: the next start is
-    refused with exit 2 and the file's name, and no file of the run directory changes."""
-    base = tmp_path / "base"
-    shutil.copytree(base_model("llama"), base)
+def test_frozen_parameters_stay_pretrained_and_a_changed_base_is_refused(tmp_path):
+    """A model.trainable run on a Llama whose head is tied to its embedding, the embedding
+    trained: the frozen parameters end bit for bit pretrained, the trained ones changed, the
+    checkpoint holds only those. The merged export is the base with the trained weights, as many
+    tensors and bytes as the base, the head still the trained embedding. Then one bit of the
+    base flips: the next start is refused with exit 2 and the file's name, and no file of the
+    run directory changes."""
+    from transformers import AutoModelForCausalLM
+
+    base = support.save_base(tmp_path / "base", "llama", tied=True)
     run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
-    trainable = "model.trainable=[model.layers.1.mlp.*, lm_head.weight]"
+    trainable = "model.trainable=[model.layers.1.mlp.*, model.embed_tokens.weight]"
     sets = support.lora_sets(base, "model.lora.r=0", trainable, "train.steps=6")
     rc = support.run(run_dir, 1, sets, env={"TELEPATHY_DUMP_STATE": str(dumps)},
                      config=LORA_CONFIG)
@@ -95,13 +99,24 @@ def test_frozen_parameters_stay_pretrained_and_a_changed_base_is_refused(base_mo
     pretrained = load_file(base / "model.safetensors")
     trained = {k.rsplit("/", 1)[0] for k in state if k.endswith("/fp32")}
     frozen = {k.rsplit("/", 1)[0] for k in state if k.endswith("/frozen")}
-    assert trained == {"lm_head.weight", *(f"model.layers.1.mlp.{m}_proj.weight"
-                                           for m in ("gate", "up", "down"))}
+    assert trained == {"model.embed_tokens.weight", *(f"model.layers.1.mlp.{m}_proj.weight"
+                                                      for m in ("gate", "up", "down"))}
     assert frozen == set(pretrained) - trained and frozen
     assert [n for n in frozen if not torch.equal(state[f"{n}/frozen"], pretrained[n])] == []
     assert [n for n in trained if torch.equal(state[f"{n}/fp32"], pretrained[n])] == []
-    # What a checkpoint holds: the trained parameters, nothing of the frozen base.
-    assert set(support.consolidated(newest_checkpoint(run_dir))) == trained
+    # What a checkpoint holds: the trained parameters, nothing of the frozen base (the tied head
+    # under its own name too: DeepSpeed's shared_params).
+    assert set(support.consolidated(newest_checkpoint(run_dir))) == trained | {"lm_head.weight"}
+
+    merged = tmp_path / "merged"
+    exported = hf.export(run_dir, merged)
+    assert (exported.tensors, exported.bytes) == support.safetensors_size(merged) \
+        == support.safetensors_size(base)  # the tied head written once, as the base has it
+    model = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    got = model.state_dict()
+    want = {**{n: state[f"{n}/frozen"] for n in frozen}, **{n: state[f"{n}/fp32"] for n in trained}}
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
 
     weights = base / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -122,13 +137,19 @@ def test_lora_exports_merged_and_as_an_adapter_that_transformers_and_peft_load(
 
     run_dir, base = lora_reference("gpt2", 1), base_model("gpt2")
     merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
-    hf.export(run_dir, merged_dir)
-    hf.export(run_dir, adapter_dir, adapter_only=True)
+    exported = hf.export(run_dir, merged_dir)
+    exported_adapter = hf.export(run_dir, adapter_dir, adapter_only=True)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in adapter_dir.iterdir()}
+    assert (exported_adapter.tensors, exported_adapter.bytes) == support.safetensors_size(
+        adapter_dir)
+    # GPT-2's head is tied to its embedding: written once, as save_pretrained wrote the base.
+    assert (exported.tensors, exported.bytes) == support.safetensors_size(merged_dir) \
+        == support.safetensors_size(base)
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
     assert type(merged).__name__ == "GPT2LMHeadModel"  # plain transformers, no peft inside
+    assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, local_files_only=True), adapter_dir).eval()
 
