@@ -25,7 +25,7 @@ SPREAD = ("tests/slurm/", "tests/integration/test_resume.py",
           "tests/integration/test_checkpoints.py", "tests/integration/test_never_hang.py",
           "tests/integration/test_elastic.py", "tests/integration/test_launch_local.py",
           "tests/integration/test_bench.py", "tests/integration/test_finetune.py",
-          "tests/integration/test_track.py")
+          "tests/integration/test_track.py", "tests/integration/test_sft.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -49,6 +49,8 @@ LONG_FIRST = ("tests/integration/test_real_text.py",
               "tests/integration/test_launch_local.py::test_local_executor_time_limit",
               "tests/integration/test_interop.py",
               "tests/integration/test_finetune.py::test_lora_resumes_bit_for_bit_after_sigterm",
+              "tests/integration/test_sft.py::test_world_two_resumes_exactly",
+              "tests/integration/test_sft.py::test_sigterm_during_an_evaluation",
               "tests/integration/test_never_hang.py::test_one_rank_out_of_memory",
               "tests/integration/test_resume.py::test_sigkill_at_each_point",
               "tests/integration/test_resume.py::test_resume_after_sigterm",

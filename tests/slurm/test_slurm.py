@@ -38,15 +38,21 @@ def assert_requeue_trail(job, causes):
         assert f"telepathy: job {job.id} restart {restart} on" in out
 
 
-def test_a_lora_job_scancel_term_requeues_and_resumes_exactly(cluster, tmp_path, base_model,
-                                                             lora_reference):
-    """LoRA on a locally saved Llama through sbatch: SIGTERM, save, requeue, exact resume."""
-    job = Job(cluster, tmp_path, sets=support.lora_sets(base_model("llama")), gpus=1,
-              config=support.LORA_CONFIG, env=support.PACED)
-    job.wait_step(RNG.randint(2, 10))
+def test_an_sft_lora_job_scancel_term_requeues_and_resumes_exactly(cluster, tmp_path, sft_data,
+                                                                    sft_reference):
+    """Instruction tuning (LoRA on a locally saved Llama, packed chat examples, a validation loss
+    every 4 steps, the best kept) through sbatch: SIGTERM, save, requeue, exact resume of every
+    training loss and every eval_loss, each evaluation once."""
+    job = Job(cluster, tmp_path, sets=support.sft_sets(sft_data), gpus=1,
+              config=support.SFT_CONFIG, env=support.PACED)
+    job.wait_step(RNG.randint(2, 18))
     job.term()
     assert job.wait_end() == ("COMPLETED", 1), job.logs()
-    assert_exact(job, support.losses(lora_reference("llama", 1)))
+    reference = sft_reference(1)
+    assert_exact(job, support.losses(reference))
+    evals = [(r["step"], r["eval_loss"]) for r in support.metrics(job.run_dir) if "eval_loss" in r]
+    assert evals == [(r["step"], r["eval_loss"]) for r in support.metrics(reference)
+                     if "eval_loss" in r]
     assert_requeue_trail(job, ["user"])
 
 
