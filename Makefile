@@ -19,6 +19,7 @@ bench-smoke: setup
 	.venv/bin/python -m bench.memory_model --smoke
 	.venv/bin/python -m bench.checkpoint --smoke
 	.venv/bin/python -m bench.finetune --smoke
+	.venv/bin/python -m bench.sft --smoke
 	.venv/bin/python -m bench.track_overhead --smoke
 	.venv/bin/python -m bench.startup --smoke
 	.venv/bin/python -m bench.chaos --smoke --workdir runs/chaos-smoke

@@ -135,6 +135,32 @@ def test_finetune_benchmark_smoke():
     assert set(result["ratios"]) == {"checkpoint_bytes", "save_s", "resume_s", "steps_per_s"}
 
 
+def test_sft_benchmark_smoke():
+    report = smoke("bench.sft")
+    assert_sane(report)
+    assert_ratios_measured_or_explained(report)
+    assert report["model"] == "tiny" and report["repeats"] == 1
+    assert set(report["arms"]) == {"packed", "padded", "packed_eval"}
+    for arm in report["arms"].values():
+        assert set(arm) >= {"rows_per_epoch", "steps_to_epoch", "fill", "tokens_per_s",
+                            "end_to_end", "step_time_s", "runs"}
+        assert len(arm["runs"]) == 1 and 0 < arm["fill"] <= 1
+    packed, padded, evaluated = (report["arms"][a] for a in ("packed", "padded", "packed_eval"))
+    # Behaviour, not speed: packing fills rows that padding leaves half empty, so an epoch takes
+    # fewer steps; padding gives every example a row of its own; the eval arm evaluated.
+    assert packed["fill"] > padded["fill"] and packed["runs"][0]["run_fill"] > \
+        padded["runs"][0]["run_fill"]
+    assert packed["steps_to_epoch"] < padded["steps_to_epoch"]
+    assert padded["rows_per_epoch"] == report["data"]["train_examples"]
+    assert evaluated["runs"][0]["evaluations"] and "eval_cost" in evaluated["runs"][0]
+    assert "evaluations" not in packed["runs"][0]
+    assert set(report["ratios"]) == {"packed_vs_padded_tokens_per_s",
+                                     "padded_vs_packed_steps_to_epoch", "eval_cost",
+                                     "packed_eval_vs_packed_end_to_end"}
+    target = report["targets"]["packed_vs_padded_tokens_per_s"]
+    assert target["value"] == report["ratios"]["packed_vs_padded_tokens_per_s"]
+
+
 @pytest.mark.slurm
 def test_chaos_benchmark_smoke(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.chaos", "--smoke", "--workdir",
