@@ -26,7 +26,7 @@ import psutil
 from ..checkpoint.directory import candidates, read_manifest
 from ..config import Config
 from ..core import proc
-from ..core.events import Event
+from ..core.events import Event, is_train_row
 from ..core.jsonl import read_jsonl
 from ..core.paths import RunPaths
 from ..slurm import scontrol
@@ -57,6 +57,10 @@ class Target:
 
     def events(self) -> list[dict[str, Any]]:
         return list(read_jsonl(self.paths.events))
+
+    def trained(self) -> list[dict[str, Any]]:
+        """The training lines of the job's metrics.jsonl, in order (evaluation lines left out)."""
+        return [r for r in read_jsonl(self.paths.metrics) if is_train_row(r)]
 
     def ranks(self) -> dict[int, psutil.Process]:
         """The job's training processes by rank: the tasks of step 0 of the current allocation,

@@ -375,7 +375,7 @@ class Harness:
                          == summary["detected"] and summary["lost_runs"] == 0 and compare["exact"]
                          and summary["resumable_always"])
         timeline = [{"t": round(r["time"] - job_start, 2), "step": r["step"], "loss": r["loss"],
-                     "restart": r.get("restart")} for r in read_jsonl(target.paths.metrics)]
+                     "restart": r.get("restart")} for r in target.trained()]
         return Result(records, summary, timeline)
 
     def seeded_schedule(self) -> list[str]:
@@ -404,7 +404,7 @@ class Harness:
             if of_kind(events, Event.FINISHED):
                 return None
             restart = launches(events) - 1
-            rows = [r for r in read_jsonl(target.paths.metrics) if r.get("restart") == restart]
+            rows = [r for r in target.trained() if r.get("restart") == restart]
             saved = [e for e in of_kind(events, Event.CHECKPOINT_SAVED)
                      if e.get("restart") == restart and e["time"] > since]
             if rows and saved and target.ranks():
@@ -429,7 +429,7 @@ class Harness:
             injected: Injected = kind.inject(target)
         except FaultError as exc:
             return FaultRecord(kind_name, time.time() - job_start, step, None, "", error=str(exc))
-        rows = [r for r in read_jsonl(target.paths.metrics) if r.get("time", 0) <= injected.at]
+        rows = [r for r in target.trained() if r.get("time", 0) <= injected.at]
         record = FaultRecord(kind_name, injected.at - job_start,
                              injected.step if injected.step is not None else
                              (rows[-1]["step"] if rows else step), injected.rank, injected.note)
@@ -470,8 +470,7 @@ class Harness:
                 begun = [e for e in of_kind(events, Event.RESUME, Event.START)
                          if e.get("restart", 0) > restart]
                 resumed = begun[0]["step"] if begun else 0
-                trained = [r["step"] for r in read_jsonl(target.paths.metrics)
-                           if r.get("restart") == restart]
+                trained = [r["step"] for r in target.trained() if r.get("restart") == restart]
                 record.resumed_from = resumed
                 record.steps_redone = max(0, (max(trained) if trained else resumed) - resumed)
             else:
@@ -504,7 +503,7 @@ class Harness:
         """When the job trained again: its next allocation's first step (or, for a fault that
         does not end the allocation, the next successful save); None: not yet."""
         if restarts:
-            rows = [r for r in read_jsonl(target.paths.metrics) if r.get("restart", 0) > restart]
+            rows = [r for r in target.trained() if r.get("restart", 0) > restart]
             return rows[0]["time"] if rows else None
         saved = [e for e in of_kind(target.events(), Event.CHECKPOINT_SAVED) if e["time"] > since]
         return saved[0]["time"] if saved else None

@@ -102,7 +102,7 @@ EVENTS: dict[Event, tuple[str, str]] = {
                             "exit_code, srun_exit_code, checkpoint_step, slurm_restart_count, "
                             "cause, reason, signal"),
     Event.TRACKING: ("rank 0's relay opened a tracker run for this allocation (track:)",
-                     "tracker, where, hwm, resume_step, skipped"),
+                     "tracker, where, hwm, eval_hwm, resume_step, skipped"),
     Event.TRACKER_FAILED: ("a tracker raised: dropped for the rest of the allocation; the next "
                            "one sends what it missed", "tracker, error"),
     Event.BEST_CHECKPOINT: ("an evaluation improved on the best eval_loss so far: this step's "
@@ -121,6 +121,16 @@ METRICS_FIELDS = ("step", "loss", "lr", "world_size", "micro_batch", "accum", "r
 EVAL_FIELDS = ("step", "eval_loss", "eval_tokens", "eval_rows", "eval_s", "world_size", "restart",
                "time", "job_id")
 """Columns of an evaluation's metrics.jsonl line (eval.every_steps; it has no `loss`)."""
+
+
+def is_train_row(row: Mapping[str, Any]) -> bool:
+    """A training line of metrics.jsonl: a step and its `loss`."""
+    return "step" in row and "loss" in row
+
+
+def is_eval_row(row: Mapping[str, Any]) -> bool:
+    """An evaluation line of metrics.jsonl: a step and its `eval_loss` (no `loss`)."""
+    return "step" in row and "eval_loss" in row and "loss" not in row
 
 
 @dataclass(frozen=True)

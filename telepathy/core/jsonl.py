@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .events import is_eval_row, is_train_row
+
 
 class JsonlWriter:
     """Appends one JSON object per line, flushed at once so a tail on another node sees it."""
@@ -55,17 +57,26 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def last_per_step(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl is append-only: a step re-run after a fallback is logged again; last wins."""
-    return {int(r["step"]): r for r in records if "step" in r}
+    """The training line of each step of metrics.jsonl (evaluation lines left out). The file is
+    append-only: a step re-run after a fallback is logged again; the last line wins."""
+    return {int(r["step"]): r for r in records if is_train_row(r)}
+
+
+def evals_per_step(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The evaluation line of each evaluated step of metrics.jsonl; as for training lines, a
+    step evaluated again (after a crash, or a resume that stopped its evaluation) is logged
+    again and the last line wins."""
+    return {int(r["step"]): r for r in records if is_eval_row(r)}
 
 
 def wait_for_step(path: Path, step: int, timeout_s: float, alive=lambda: True) -> int:
-    """Poll a metrics file until it records `step` (or later); return the newest step seen."""
+    """Poll a metrics file until it records the training of `step` (or later); return the
+    newest step trained."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        steps = [r["step"] for r in read_jsonl(path) if "step" in r]
+        steps = [r["step"] for r in read_jsonl(path) if is_train_row(r)]
         if steps and max(steps) >= step:
             return max(steps)
         if not alive():

@@ -25,7 +25,7 @@ from ..config import load_config
 from ..core import exits, logs
 from ..core.errors import TelepathyError
 from ..core.events import Event, of_kind
-from ..core.jsonl import read_jsonl
+from ..core.jsonl import last_per_step, read_jsonl
 from ..core.paths import RunPaths
 from ..slurm.env import DistEnv, SlurmEnv
 from ..slurm.requeue import end_allocation
@@ -44,8 +44,7 @@ def summary(run_dir: Path, job_id: str | None) -> dict[str, Any]:
     events = list(read_jsonl(paths.events))
     finished = of_kind(events, Event.FINISHED)[-1]
     step = finished["step"]
-    loss = next((m.get("loss") for m in reversed(list(read_jsonl(paths.metrics)))
-                 if m.get("step") == step), None)
+    loss = last_per_step(list(read_jsonl(paths.metrics))).get(step, {}).get("loss")
     # This job's allocations (none to tell apart without a job id: the debug executor).
     mine = [e for e in of_kind(events, Event.LAUNCH) if job_id and e.get("job_id") == job_id]
     steps = complete_steps(paths.checkpoints)

@@ -1,5 +1,6 @@
-"""What the trackers get from the run's files: scalars of a metrics line, notes of the events
-that an operator wants to see on a curve, scalars of a save and of a health sample. Pure."""
+"""What the trackers get from the run's files: scalars of a metrics line (a training step's or an
+evaluation's), notes of the events that an operator wants to see on a curve, scalars of a save
+and of a health sample. Pure."""
 
 from __future__ import annotations
 
@@ -14,15 +15,29 @@ STEP_SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad
 """metrics.jsonl column -> tracker key. run/restarts is the index of the allocation that trained
 the step: a step function that rises at every requeue."""
 
+EVAL_SCALARS = {"eval_loss": "eval/loss", "eval_tokens": "eval/tokens"}
+"""An evaluation line's column -> tracker key, at the step it evaluated."""
+
 NOTED = (Event.START, Event.RESUME, Event.WORLD_SIZE_CHANGED, Event.CHECKPOINT_REJECTED,
          Event.CHECKPOINT_FAILED, Event.CHECKPOINT_SKIPPED, Event.OOM_RECOVERED, Event.OOM,
          Event.HANG, Event.SIGNAL, Event.SAVE_DEADLINE_RISK, Event.PREEMPTED, Event.FINISHED,
-         Event.ERROR, Event.REQUEUE, Event.REQUEUE_REFUSED, Event.CONFIG_FORCED)
+         Event.ERROR, Event.REQUEUE, Event.REQUEUE_REFUSED, Event.CONFIG_FORCED,
+         Event.BEST_CHECKPOINT, Event.EVAL_STOPPED)
 """Events shown as a text entry at their step."""
 
 
 def step_scalars(row: dict[str, Any]) -> dict[str, float]:
-    return {key: float(row[col]) for col, key in STEP_SCALARS.items()
+    """A training line's scalars."""
+    return _scalars(row, STEP_SCALARS)
+
+
+def eval_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """An evaluation line's scalars."""
+    return _scalars(row, EVAL_SCALARS)
+
+
+def _scalars(row: dict[str, Any], columns: dict[str, str]) -> dict[str, float]:
+    return {key: float(row[col]) for col, key in columns.items()
             if isinstance(row.get(col), (int, float)) and not isinstance(row.get(col), bool)}
 
 
@@ -58,6 +73,10 @@ def note(event: dict[str, Any]) -> str | None:
         Event.ERROR: lambda e: f"{e.get('error')}: {str(e.get('message'))[:200]}",
         Event.CHECKPOINT_FAILED: lambda e: f"{e.get('checkpoint')}: {e.get('error')}",
         Event.CHECKPOINT_REJECTED: lambda e: f"{e.get('checkpoint')}: {e.get('problems')}",
+        Event.BEST_CHECKPOINT: lambda e: f"eval_loss {e.get('eval_loss')}, the best before: "
+                                         f"{e.get('previous_eval_loss')} at step "
+                                         f"{e.get('previous_step')}",
+        Event.EVAL_STOPPED: lambda e: f"{e.get('signal')}: evaluated again after the resume",
     }.get(kind)
     return f"{head} at step {event_step(event, 0)}" + (f" ({details(event)})" if details else "")
 

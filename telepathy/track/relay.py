@@ -1,10 +1,12 @@
 """The relay: rank 0's child process that feeds the trackers from the run's files.
 
 `python -m telepathy.track.relay RUN_DIR --restart N --resume-step R` (started by
-`RelayProcess`): opens each tracker of `track:`, sends what earlier allocations trained and the
-tracker lacks (the last line of each step up to R, the step this allocation resumed from), then
-follows metrics.jsonl, events.jsonl and system-*.jsonl until its stdin closes (rank 0 is done,
-or died), sends what is left, closes the tracker runs and exits. SLURM's signals are ignored:
+`RelayProcess`): opens each tracker of `track:`, sends what earlier allocations trained and
+evaluated and the tracker lacks (the last line of each step up to R, the step this allocation
+resumed from, and of each evaluation), then follows metrics.jsonl, events.jsonl and
+system-*.jsonl until its stdin closes (rank 0 is done, or died), sends what is left, closes the
+tracker runs and exits. Each step and each evaluation reaches a tracker once: a high-water mark
+per tracker for each (`hwm`, `eval_hwm`), kept in track/state.json. SLURM's signals are ignored:
 rank 0 decides when the relay ends and how long it may take (`track.flush_s`).
 
 A tracker that raises is dropped for the rest of the allocation with one warning and a
@@ -32,8 +34,8 @@ from ..config import load_config
 from ..config.schema import Config
 from ..core import exits, logs
 from ..core.eventlog import EventLog
-from ..core.events import Event, Stamp
-from ..core.jsonl import JsonlWriter, last_per_step
+from ..core.events import Event, Stamp, is_eval_row, is_train_row
+from ..core.jsonl import JsonlWriter, evals_per_step, last_per_step
 from ..core.paths import RunPaths
 from . import records, state
 from .sinks import SINKS, Context, Sink
@@ -85,10 +87,18 @@ class Faulty(Sink):
     def _raise(self, *args: Any) -> Any:
         raise OSError(f"injected tracker fault ({FAULT_ENV}={self.name})")
 
-    open = step = extra = flush = _raise
+    open = held_evals = step = evaluation = extra = flush = _raise
 
     def close(self, finished: bool) -> None:
         self._raise()
+
+
+def final_lines(rows: list[dict[str, Any]], restart: int, resume_step: int) -> list[dict[str, Any]]:
+    """What earlier allocations left final: the last training line of each step up to the step
+    this allocation resumed from, each followed by its step's last evaluation line."""
+    final = [r for r in rows if r.get("restart", 0) < restart and r.get("step", 0) <= resume_step]
+    return sorted([*last_per_step(final).values(), *evals_per_step(final).values()],
+                  key=lambda r: (r["step"], is_eval_row(r)))
 
 
 class SharedState:
@@ -129,6 +139,11 @@ class Relay:
         self.state = self.shared.mine(self.trackers)
         self.sinks: dict[str, Sink] = {}
         self.hwm: dict[str, int] = {}
+        """The last step each tracker holds."""
+        self.eval_hwm: dict[str, int] = {}
+        """The last evaluated step each tracker holds: no evaluation at or below it is sent."""
+        self.evaluates = cfg.eval.enabled
+        """Whether an evaluation line may follow a step's line (track/state.json's `eval_hwm`)."""
         self.cursor: dict[str, int] = {}
         """Lines of events.jsonl each sink was given."""
         self.metrics = Follower(self.paths.metrics)
@@ -161,31 +176,11 @@ class Relay:
         fault = os.environ.get(FAULT_ENV, "")
         config = self.cfg.to_dict()
         for name in self.trackers:
-            sink = SINKS[name]()
-            self.sinks[name] = Faulty(sink) if name == fault else sink
-            entry = self.state.setdefault(name, {})
-            ctx = Context(self.paths.root, config, self.cfg.track, self.resume_step, entry,
-                          persist=lambda: self.shared.save(self.state))
-            hwm = self._call(name, "open", ctx)
-            if name not in self.sinks:
-                continue
-            self.hwm[name] = hwm
-            skipped = max(0, hwm - self.resume_step)
-            self.cursor[name] = int(entry.get("events", 0))
-            log.info("tracker %s: %s; it holds steps up to %d, the run's values are final up to "
-                     "step %d%s", name, sink.where(), hwm, self.resume_step,
-                     f"; steps {self.resume_step + 1}-{hwm} are trained again and keep the values "
-                     "it holds (an exact resume gives the same losses; only step times differ, "
-                     "and after a world-size change the losses by rounding)"
-                     if skipped else "")
-            self.events_log.emit(Event.TRACKING, tracker=name, where=sink.where(), hwm=hwm,
-                                 resume_step=self.resume_step, skipped=skipped)
-            entry["where"] = sink.where()
+            self._open_one(name, config, fault)
         if not self.sinks:
             return
         rows = self.metrics.read()
-        earlier = [r for r in rows if r.get("restart", 0) < self.restart]
-        final = last_per_step([r for r in earlier if r.get("step", 0) <= self.resume_step])
+        catch_up = final_lines(rows, self.restart, self.resume_step)
         events = self.events.read()
         self.events_seen = len(events)
         for event in events:
@@ -193,9 +188,8 @@ class Relay:
         for name in list(self.sinks):
             sink = self.sinks[name]
             purge = getattr(sink, "purge_from", None)
-            for step in sorted(s for s in final if s > self.hwm[name]):
-                self._call(name, "step", step, records.step_scalars(final[step]), [])
-                self.hwm[name] = step
+            for row in catch_up:
+                self._send(name, row)
             # Events: those it was not given yet; for TensorBoard also those its purge removed.
             for i, event in enumerate(events):
                 step = records.event_step(event, self.resume_step)
@@ -204,6 +198,30 @@ class Relay:
             self.cursor[name] = len(events)
         self._live([r for r in rows if r.get("restart") == self.restart])
         self.flush()
+
+    def _open_one(self, name: str, config: dict[str, Any], fault: str) -> None:
+        """Open one tracker's run and learn how far it got (dropped if it raises)."""
+        sink = SINKS[name]()
+        self.sinks[name] = Faulty(sink) if name == fault else sink
+        entry = self.state.setdefault(name, {})
+        ctx = Context(self.paths.root, config, self.cfg.track, self.resume_step, entry,
+                      persist=lambda: self.shared.save(self.state))
+        hwm = self._call(name, "open", ctx)
+        evals = self._call(name, "held_evals", ctx, hwm) if name in self.sinks else None
+        if name not in self.sinks:
+            return
+        self.hwm[name], self.eval_hwm[name] = hwm, evals
+        skipped = max(0, hwm - self.resume_step)
+        self.cursor[name] = int(entry.get("events", 0))
+        log.info("tracker %s: %s; it holds steps up to %d (evaluations up to %d), the run's "
+                 "values are final up to step %d%s", name, sink.where(), hwm, evals,
+                 self.resume_step,
+                 f"; steps {self.resume_step + 1}-{hwm} are trained again and keep the values "
+                 "it holds (an exact resume gives the same losses; only step times differ, "
+                 "and after a world-size change the losses by rounding)" if skipped else "")
+        self.events_log.emit(Event.TRACKING, tracker=name, where=sink.where(), hwm=hwm,
+                             eval_hwm=evals, resume_step=self.resume_step, skipped=skipped)
+        entry["where"] = sink.where()
 
     def _note_end(self, event: dict[str, Any]) -> None:
         """Whether the run has finished: its newest launch, preemption or finish says."""
@@ -236,11 +254,26 @@ class Relay:
             if row.get("restart") != self.restart or "step" not in row:
                 continue
             self.current = row["step"]
-            scalars = records.step_scalars(row)
             for name in list(self.sinks):
-                if row["step"] > self.hwm[name]:
-                    self._call(name, "step", row["step"], scalars, [])
-                    self.hwm[name] = row["step"]
+                self._send(name, row)
+
+    def _send(self, name: str, row: dict[str, Any]) -> None:
+        """A metrics line to one tracker, unless it holds it: a step's training scalars, or an
+        evaluation's scalars at the step it evaluated."""
+        step = int(row["step"])
+        if is_eval_row(row):
+            if step > self.eval_hwm[name]:
+                self._call(name, "evaluation", step, records.eval_scalars(row))
+            self.eval_hwm[name] = max(self.eval_hwm[name], step)
+        elif is_train_row(row):
+            if step > self.hwm[name]:
+                self._call(name, "step", step, records.step_scalars(row), [])
+                self.hwm[name] = step
+
+    def _settled(self, name: str) -> int:
+        """The step up to which a tracker was sent every evaluation there is: every evaluation of
+        an earlier step came before its newest step's line; that step's own may still follow."""
+        return max(self.eval_hwm[name], self.hwm[name] - 1 if self.evaluates else self.hwm[name])
 
     def _system(self) -> None:
         for path in self.paths.root.glob("system-*.jsonl"):
@@ -260,6 +293,7 @@ class Relay:
             if name in self.sinks:
                 entry = self.state.setdefault(name, {})
                 entry["hwm"] = self.hwm[name]
+                entry["eval_hwm"] = self._settled(name)  # where TensorBoard's purge may start
                 entry["events"] = self.cursor.get(name, 0)
         self.shared.save(self.state)
 

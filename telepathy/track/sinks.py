@@ -11,6 +11,13 @@ past it once. How each keeps a step from appearing twice:
   offline run files through `wandb leet inspect`, MLflow's metric history), and steps at or
   below it are not sent again. telepathy resumes bit for bit, so a step trained again has the
   loss, lr and gradient norm the tracker already holds; only its timings differ.
+
+Evaluations (eval/loss, eval/tokens) the same way, with their own mark (`held_evals`): the last
+evaluated step the tracker holds. TensorBoard's purge step is also no later than the step after
+the last one whose evaluation was known settled; MLflow reads eval/loss back; W&B reads back
+`eval/step`, the x axis of its eval/ charts, so that an evaluation of a step W&B already holds
+(the evaluation a preemption stopped, done again after the resume) joins its next row and is
+still drawn at its step.
 """
 
 from __future__ import annotations
@@ -52,8 +59,18 @@ class Sink:
     def open(self, ctx: Context) -> int:
         raise NotImplementedError
 
+    def held_evals(self, ctx: Context, hwm: int) -> int:
+        """After `open`: the last evaluated step whose evaluation it holds (0: none); nothing at
+        or below it is sent again. By default `hwm`: a tracker that holds a step holds the
+        evaluation logged with it (TensorBoard: purged from where that is not known)."""
+        return hwm
+
     def step(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
         raise NotImplementedError
+
+    def evaluation(self, step: int, scalars: dict[str, float]) -> None:
+        """An evaluation's scalars at the step it evaluated (after that step's own scalars)."""
+        self.step(step, scalars, [])
 
     def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
         """Scalars and notes of an event or a health sample at `step` (which may lie behind)."""
@@ -71,6 +88,16 @@ class Sink:
 
 
 # -- TensorBoard -----------------------------------------------------------------------------------
+def purge_step(state: dict[str, Any], resume_step: int) -> int:
+    """Where TensorBoard forgets what earlier allocations wrote: the step after the last one known
+    flushed with every evaluation up to it (track/state.json's `hwm` and `eval_hwm`; an evaluation
+    follows its step's line, so it may be unsettled after the last flush), or after the checkpoint
+    resumed from, whichever is lower."""
+    flushed = int(state.get("hwm", 0))
+    settled = int(state.get("eval_hwm", flushed))  # a state written before evaluations existed
+    return min(flushed, settled, resume_step) + 1
+
+
 class TensorBoard(Sink):
     name = "tensorboard"
     exact_steps = True
@@ -79,8 +106,7 @@ class TensorBoard(Sink):
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = ctx.run_dir / "tensorboard"
-        flushed = int(ctx.state.get("hwm", 0))
-        self.purge_from = min(flushed, ctx.resume_step) + 1
+        self.purge_from = purge_step(ctx.state, ctx.resume_step)
         existing = self.dir.is_dir() and any(self.dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(str(self.dir), purge_step=self.purge_from if existing else None,
                                     flush_secs=3600)
@@ -120,12 +146,20 @@ class TensorBoard(Sink):
 
 
 # -- Weights & Biases ----------------------------------------------------------------------------
-_HISTORY_STEP = re.compile(r"^# record \d+: history\n(?:.*\n)*?  step: \{\n    num: (\d+)", re.M)
+_HISTORY = re.compile(r"^# record \d+: history\n((?:.*\n)*?)  step: \{\n    num: (\d+)", re.M)
+_EVAL_STEP = re.compile(r'key: "eval/step"\n *value_json: "([^"]+)"')
 
 
 def wandb_offline_steps(wandb_dir: Path, run_id: str, direct: bool = True) -> list[int]:
-    """Every history step of the offline runs of `run_id` under `wandb_dir`, in file order, read
-    by W&B's own reader: `wandb leet inspect`, which prints the records when not on a terminal.
+    """Every history step of the offline runs of `run_id` under `wandb_dir`, in file order."""
+    return [step for step, _ in wandb_offline_history(wandb_dir, run_id, direct)]
+
+
+def wandb_offline_history(wandb_dir: Path, run_id: str,
+                          direct: bool = True) -> list[tuple[int, int | None]]:
+    """Every history row of the offline runs of `run_id` under `wandb_dir`, in file order: its
+    step and the evaluated step it carries (`eval/step`; None: no evaluation), read by W&B's own
+    reader: `wandb leet inspect`, which prints the records when not on a terminal.
 
     The reader is wandb-core's; `wandb leet inspect FILE` only finds that binary and runs it as
     below, after importing the whole W&B command line (1.2 s of CPU a file on 2 cores, against
@@ -133,7 +167,7 @@ def wandb_offline_steps(wandb_dir: Path, run_id: str, direct: bool = True) -> li
     gives it; where that fails (a W&B that moved it), or with `direct=False`, through the
     command.
     """
-    steps: list[int] = []
+    rows: list[tuple[int, int | None]] = []
     files = sorted(wandb_dir.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     env = {**os.environ, "WANDB_SILENT": "true"}
     core = _wandb_core() if files and direct else None
@@ -151,8 +185,17 @@ def wandb_offline_steps(wandb_dir: Path, run_id: str, direct: bool = True) -> li
             exe = Path(sys.executable).with_name("wandb")
             out = proc.run([str(exe) if exe.exists() else "wandb", "leet", "inspect", str(f)],
                            timeout=300, env=env).stdout
-        steps += [int(m) for m in _HISTORY_STEP.findall(out)]
-    return steps
+        rows += history_rows(out)
+    return rows
+
+
+def history_rows(printed: str) -> list[tuple[int, int | None]]:
+    """The history records `wandb leet inspect` printed: each one's step and its eval/step."""
+    rows = []
+    for items, step in _HISTORY.findall(printed):
+        evaluated = _EVAL_STEP.search(items)
+        rows.append((int(step), int(float(evaluated.group(1))) if evaluated else None))
+    return rows
 
 
 def _wandb_core() -> str | None:
@@ -184,9 +227,11 @@ class Wandb(Sink):
         self.wandb_dir = ctx.run_dir / "wandb"
         # What W&B holds, from W&B itself: a logged step may still have been queued in
         # wandb-core when the relay was killed, so track/state.json cannot tell.
-        hwm = 0
+        held: list[tuple[int, int | None]] = []
         if self.mode == "offline" and self.wandb_dir.is_dir():
-            hwm = max([0, *wandb_offline_steps(self.wandb_dir, run_id)])
+            held = wandb_offline_history(self.wandb_dir, run_id)
+        hwm = max([0, *(step for step, _ in held)])
+        self.evals = max([0, *(e for _, e in held if e is not None)])
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, id=run_id, name=cfg.run_name or ctx.run_dir.name,
             tags=cfg.tags or None, mode=cfg.mode, dir=str(ctx.run_dir),
@@ -194,8 +239,13 @@ class Wandb(Sink):
             config=ctx.config, allow_val_change=True,
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                     x_disable_meta=True, x_save_requirements=False))
+        # Evaluations are drawn against their own step: one that joins a later row (its step's
+        # row was logged before it) is still drawn where it belongs.
+        self.run.define_metric("eval/step")
+        self.run.define_metric("eval/*", step_metric="eval/step")
         if self.mode == "online":
             hwm = max(hwm, int(getattr(self.run, "starting_step", 0) or 0) - 1)
+            self.evals = max(self.evals, int(self.run.summary.get("eval/step") or 0))
             ctx.state["url"] = self.run.url
         self.current = hwm
         self.logged_here = False
@@ -213,6 +263,16 @@ class Wandb(Sink):
         self.logged_here = True
         self.pending, self.pending_notes = {}, []
 
+    def held_evals(self, ctx: Context, hwm: int) -> int:
+        return self.evals  # read back: the evaluated steps (eval/step) its rows carry
+
+    def evaluation(self, step: int, scalars: dict[str, float]) -> None:
+        data = {**scalars, "eval/step": step}
+        if step > self.current or (step == self.current and self.logged_here):
+            self.step(step, data, [])  # its step's row, beside that step's training scalars
+        else:  # a step W&B held before this allocation: the next row carries it
+            self.extra(step, data, [])
+
     def extra(self, step: int, scalars: dict[str, float], notes: list[str]) -> None:
         # W&B takes rising steps only: what belongs to a step behind joins the row this process
         # logged last (a second log at the same step merges into its row), or the next one.
@@ -225,7 +285,8 @@ class Wandb(Sink):
         if (self.pending or self.pending_notes) and self.logged_here:
             self.step(self.current, {}, [])  # merges into the row logged last
         # (Without a row of its own this allocation cannot place them: a step W&B already holds
-        # would appear twice across the offline files. They stay in events.jsonl.)
+        # would appear twice across the offline files. They stay in events.jsonl; an evaluation
+        # is not read back as held, and the next allocation sends it again.)
         self.run.finish(exit_code=0 if finished else 1)
 
     def where(self) -> str:
@@ -280,6 +341,9 @@ class Mlflow(Sink):
         self.buffer: list[Any] = []
         self.ctx = ctx
         return max([0, *steps])  # what MLflow holds, from MLflow itself
+
+    def held_evals(self, ctx: Context, hwm: int) -> int:
+        return max([0, *(m.step for m in self.client.get_metric_history(self.run_id, "eval/loss"))])
 
     def _log(self, step: int, scalars: dict[str, float]) -> None:
         from mlflow.entities import Metric

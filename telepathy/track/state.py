@@ -1,4 +1,6 @@
-"""RUN_DIR/track/state.json: each tracker's run id and how far it got, kept across allocations.
+"""RUN_DIR/track/state.json: each tracker's run id and how far it got, kept across allocations:
+`hwm` (the last step sent), `eval_hwm` (every evaluation up to this step was sent), `events`
+(the lines of events.jsonl given).
 
 Written atomically after every flush. Only ever a lower bound of what a tracker holds (a process
 killed between a tracker's write and this file's): the relay asks the tracker itself where a

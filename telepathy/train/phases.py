@@ -31,7 +31,7 @@ from ..config import Config
 from ..config.trajectory import trajectory_changes
 from ..core.errors import ResumeRefused, RunLocked
 from ..core.eventlog import EventLog
-from ..core.events import Event, Stamp, launches, of_kind
+from ..core.events import Event, Stamp, is_train_row, launches, of_kind
 from ..core.fsutil import write_json_atomic
 from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
 from ..core.paths import RunPaths
@@ -230,7 +230,8 @@ def measured_durations(paths: RunPaths, dist: Dist) -> Durations:
         events = list(read_jsonl(paths.events))
         first_step: dict[int, float] = {}
         for row in read_jsonl(paths.metrics):
-            if "restart" in row and "time" in row:
+            # A training line: a resumed allocation may evaluate its first step before training.
+            if is_train_row(row) and "restart" in row and "time" in row:
                 first_step.setdefault(row["restart"], row["time"])
         startups = [first_step[e["restart"]] - e["time"] for e in of_kind(events, Event.LAUNCH)
                     if e.get("restart") in first_step and first_step[e["restart"]] >= e["time"]]

@@ -1,8 +1,9 @@
 """`telepathy report RUN_DIR [--json] [--png PATH]`: a report of a whole run.
 
-Status, steps, losses (first/last/best), throughput, GPU usage, every allocation with the cause
-of its ending, checkpoint save times; as text, as JSON, and as a PNG figure (loss and throughput
-against step, with a marker where the run was stopped and where it resumed).
+Status, steps, losses (first/last/best), evaluations (last/best, the best checkpoint), throughput,
+GPU usage, every allocation with the cause of its ending, checkpoint save times; as text, as JSON,
+and as a PNG figure (the training loss with the evaluations' marks, and throughput against step,
+with a marker where the run was stopped and where it resumed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from ..core import exits
 from ..core.jsonl import last_per_step, read_jsonl
 from ..core.paths import RunPaths
+from .runview import RunView
 from .tail import load_view
 
 
@@ -50,11 +52,21 @@ def build(run_dir: Path) -> dict[str, Any]:
         "checkpoints": {"saves": len(saves), "seconds_mean": statistics.fmean(seconds) if seconds
                         else None, "seconds_max": max(seconds, default=None),
                         "bytes_last": saves[-1]["bytes"] if saves else None, "list": saves},
+        "eval": evaluation(view),
         "trackers": view.trackers,
         "markers": view.markers,
         "series": {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
                    "tokens_per_s": [r["tokens_per_s"] for r in rows]},
     }
+
+
+def evaluation(view: RunView) -> dict[str, Any]:
+    """The evaluations: each evaluated step's eval_loss, the newest, the best, the best
+    checkpoint's step (null without a best_checkpoint event)."""
+    point = lambda e: {"step": e[0], "eval_loss": e[1]} if e else None  # noqa: E731
+    return {"series": {"step": [s for s, _ in view.evals], "eval_loss": [v for _, v in view.evals]},
+            "last": point(view.eval_loss), "best": point(view.eval_best),
+            "best_checkpoint": view.best_checkpoint}
 
 
 def text(report: dict[str, Any]) -> str:
@@ -66,6 +78,7 @@ def text(report: dict[str, Any]) -> str:
         f"loss       first {f(loss['first'], '.4f')}, last {f(loss['last'], '.4f')}, best "
         f"{f(loss['best']['loss'], '.4f') if loss['best'] else '-'}"
         f"{' at step ' + str(loss['best']['step']) if loss['best'] else ''}",
+        *eval_text(report["eval"]),
         f"throughput {f(tp['tokens_per_s_median'], ',.0f')} tokens/s median, "
         f"{f(tp['step_time_s_median'], '.3f')} s/step",
         f"gpu        {report['gpu']['samples']} samples, mean utilisation "
@@ -82,15 +95,42 @@ def text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def eval_text(ev: dict[str, Any]) -> list[str]:
+    """The report's line of evaluations; none for a run that never evaluated."""
+    if not ev["last"] and ev["best_checkpoint"] is None:
+        return []
+    line = "eval       none yet"
+    if ev["last"] and ev["best"]:
+        line = (f"eval       last {ev['last']['eval_loss']:.4f} at step {ev['last']['step']}, "
+                f"best {ev['best']['eval_loss']:.4f} at step {ev['best']['step']}")
+    if ev["best_checkpoint"] is not None:
+        line += f", best checkpoint step {ev['best_checkpoint']}"
+    return [line]
+
+
 def png(report: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(report: dict[str, Any]) -> Any:
+    """The report's figure: loss (training, and the evaluations as marks) and tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = report["series"]
+    s, ev = report["series"], report["eval"]["series"]
     fig, (ax_loss, ax_tp) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    ax_loss.plot(s["step"], s["loss"], lw=1, color="tab:blue")
+    ax_loss.plot(s["step"], s["loss"], lw=1, color="tab:blue",
+                 label="train loss" if ev["step"] else None)
+    if ev["step"]:
+        ax_loss.plot(ev["step"], ev["eval_loss"], ls="-", lw=0.8, marker="o", ms=4,
+                     color="tab:orange", label="eval loss")
     ax_loss.set_ylabel("loss")
     ax_tp.plot(s["step"], s["tokens_per_s"], lw=1, color="tab:gray")
     ax_tp.set_ylabel("tokens/s")
@@ -110,9 +150,7 @@ def png(report: dict[str, Any], path: Path) -> None:
         ax_loss.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
     fig.suptitle(f"{report['run_dir']}: {report['state']}, {report['restarts']} restart(s)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""What a run directory says about its run: progress, losses, restarts and why, checkpoints.
+"""What a run directory says about its run: progress, losses, evaluations, restarts and why,
+checkpoints.
 
 Pure: records (already read from metrics.jsonl, events.jsonl, system-*.jsonl) in, a summary out.
 Both `telepathy tail` and `telepathy report` are views of this.
@@ -10,7 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..core.events import Event, of_kind
+from ..core.events import Event, is_eval_row, is_train_row, of_kind
 
 SPARK = "▁▂▃▄▅▆▇█"
 RECENT = 20
@@ -58,6 +59,14 @@ class RunView:
     trackers: dict[str, str] = field(default_factory=dict)
     """Where each tracker's run is (track:), from the relay's `tracking` events; a tracker that
     failed in the newest allocation says so."""
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    """(step, eval_loss) of every evaluated step (its last evaluation line), in step order."""
+    eval_loss: tuple[int, float] | None = None
+    """The newest evaluation: (step, eval_loss)."""
+    eval_best: tuple[int, float] | None = None
+    """The lowest eval_loss and its step (the earliest of equals)."""
+    best_checkpoint: int | None = None
+    """The step of the newest best_checkpoint event (checkpoint.keep_best keeps it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,10 +127,21 @@ def allocations(events: list[dict[str, Any]], metrics: list[dict[str, Any]] = ()
     return out
 
 
+def evaluations(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The RunView fields of the evaluations: each step's last evaluation line wins (a step is
+    evaluated again after a crash, or after a resume that stopped its evaluation)."""
+    evals = sorted({int(r["step"]): r["eval_loss"] for r in metrics if is_eval_row(r)}.items())
+    best = of_kind(events, Event.BEST_CHECKPOINT)
+    return {"evals": evals, "eval_loss": evals[-1] if evals else None,
+            "eval_best": min(evals, key=lambda e: e[1]) if evals else None,
+            "best_checkpoint": best[-1].get("step") if best else None}
+
+
 def summarize(config: dict[str, Any] | None, metrics: list[dict[str, Any]],
               events: list[dict[str, Any]], system: list[dict[str, Any]], now: float,
               stale_after_s: float = 600.0) -> RunView:
-    by_step = {int(r["step"]): r for r in metrics if "step" in r}  # last record of a step wins
+    # Training lines only (an evaluation's line has no loss); the last line of a step wins.
+    by_step = {int(r["step"]): r for r in metrics if is_train_row(r)}
     steps = sorted(by_step)
     recent = [by_step[s] for s in steps[-RECENT:]]
     allocs = allocations(events, metrics)
@@ -176,4 +196,4 @@ def summarize(config: dict[str, Any] | None, metrics: list[dict[str, Any]],
                           for e in saves],
         last_update=last_update, job_id=allocs[-1].job_id if allocs else None,
         system=last_system, loss_trend=[loss for _, loss in losses[-40:]], markers=markers,
-        warnings=warnings)
+        warnings=warnings, **evaluations(metrics, events))

@@ -93,6 +93,17 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
+def eval_line(view: RunView) -> str:
+    """The newest evaluation, the best one and the best checkpoint's step."""
+    line = "none yet"
+    if view.eval_loss and view.eval_best:
+        (step, loss), (best_step, best) = view.eval_loss, view.eval_best
+        line = f"{loss:.4f} at step {step} (best {best:.4f} at step {best_step})"
+    if view.best_checkpoint is not None:
+        line += f", best checkpoint step {view.best_checkpoint}"
+    return line
+
+
 def render(run_dir: Path, view: RunView, now: float, job: str | None,
            log: tuple[str | None, list[str]]) -> Group:
     total = view.total_steps or max(view.step, 1)
@@ -110,6 +121,8 @@ def render(run_dir: Path, view: RunView, now: float, job: str | None,
     facts.add_row("loss", f"{_fmt(view.loss, '.4f')}  {sparkline(view.loss_trend)}  "
                           f"(first {_fmt(view.loss_first, '.4f')}, best "
                           f"{_fmt(view.loss_best[1] if view.loss_best else None, '.4f')})")
+    if view.eval_loss or view.best_checkpoint is not None:
+        facts.add_row("eval", eval_line(view))
     facts.add_row("lr", _fmt(view.lr, ".3e"))
     facts.add_row("throughput", f"{_fmt(view.tokens_per_s, ',.0f')} tokens/s, "
                                 f"{_fmt(view.step_time_s, '.3f')} s/step")

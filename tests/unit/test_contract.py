@@ -9,7 +9,7 @@ import pytest
 
 from telepathy.config.schema import PreemptionConfig
 from telepathy.core import exits
-from telepathy.core.events import EVENTS, METRICS_FIELDS, Event, SaveResult, Stamp
+from telepathy.core.events import EVAL_FIELDS, EVENTS, METRICS_FIELDS, Event, SaveResult, Stamp
 from tests.support import ROOT
 
 PACKAGE = ROOT / "telepathy"
@@ -27,7 +27,7 @@ def test_every_event_is_documented_in_the_run_directory_page_and_nothing_else_is
     for event, (when, fields) in EVENTS.items():
         assert rows[event.value] == f"{when} | {fields}", (
             f"docs/run-directory.md's row of {event.value}")
-    for column in METRICS_FIELDS:
+    for column in METRICS_FIELDS + EVAL_FIELDS:
         assert column in section, f"metrics.jsonl column {column} is not in docs/run-directory.md"
 
 

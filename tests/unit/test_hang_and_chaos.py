@@ -209,6 +209,33 @@ def test_start_up_is_allowed_twice_the_longest_earlier_one_and_never_less_than_t
     assert startup_allowance_s(Durations(startup_s=90)) == 180
 
 
+class OneRankFake:
+    """A fake of the process group of one rank (what measured_durations asks of it)."""
+
+    is_main = True
+
+    def broadcast_object(self, value):
+        return value
+
+
+def test_start_up_is_measured_to_an_allocations_first_training_line_not_an_evaluation(tmp_path):
+    import json
+
+    from telepathy.core.paths import RunPaths
+    from telepathy.train.phases import measured_durations
+
+    lines = {"events.jsonl": [{"event": "launch", "restart": 0, "time": 100.0},
+                              {"event": "launch", "restart": 1, "time": 200.0}],
+             # allocation 1 evaluated the step it resumed at (its evaluation a signal had
+             # stopped) before its first step
+             "metrics.jsonl": [{"step": 1, "loss": 2.0, "restart": 0, "time": 130.0},
+                               {"step": 4, "eval_loss": 1.9, "restart": 1, "time": 205.0},
+                               {"step": 5, "loss": 1.8, "restart": 1, "time": 260.0}]}
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert measured_durations(RunPaths.at(tmp_path), OneRankFake()).startup_s == 60.0
+
+
 def test_a_node_whose_heartbeat_stops_is_lost_after_the_timeout_by_the_readers_clock(tmp_path):
     clock = Clock()
     n1 = NodeHeartbeat(tmp_path, "n1", ["n1", "n2", "n1"], "job-a", True, 30, rank=0, clock=clock)
