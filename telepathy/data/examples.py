@@ -76,9 +76,11 @@ def one_per_row(order: np.ndarray) -> Rows:
 
 def loss_counts(examples: Examples, lengths: np.ndarray) -> np.ndarray:
     """Per example, the tokens that count in the loss among its first `lengths` tokens (the
-    first never counts: nothing predicts it)."""
-    out = np.zeros(lengths.size, dtype=np.int64)
-    for i, start in enumerate(examples.offsets[:lengths.size].tolist()):
+    first never counts: nothing predicts it): the file's own count, counted again from the mask
+    only for an example cut shorter."""
+    out = np.array(examples.loss_tokens[:lengths.size], dtype=np.int64)
+    for i in np.flatnonzero(lengths < examples.lengths[:lengths.size]).tolist():
+        start = int(examples.offsets[i])
         out[i] = int(np.count_nonzero(examples.loss_mask[start + 1:start + int(lengths[i])]))
     return out
 

@@ -8,7 +8,9 @@ Tensors (`input_ids` and `loss_mask` have one entry per token, `offsets` one per
 - `loss_mask`: uint8, 1 where predicting this token (from the tokens before it in its example)
   counts in the loss (the answers), 0 elsewhere (the prompt, the chat markup); the first token
   of an example is never predicted and is always 0;
-- `offsets`: int64, example `i` is tokens `offsets[i]:offsets[i + 1]`.
+- `offsets`: int64, example `i` is tokens `offsets[i]:offsets[i + 1]`;
+- `loss_tokens`: int64, per example, the tokens that count in its loss (so that a start needs
+  no pass over the masks: only an example cut to a row is counted again).
 
 `__metadata__` holds `{"format": FORMAT, "telepathy": <the sidecar as JSON>}`, so the file
 describes itself even without its sidecar (FILE.json, the same JSON for people and tools).
@@ -32,7 +34,7 @@ import numpy as np
 from ..core.errors import DataError
 
 FORMAT = "telepathy-examples/1"
-TENSORS = ("input_ids", "loss_mask", "offsets")
+TENSORS = ("input_ids", "loss_mask", "offsets", "loss_tokens")
 _ST_DTYPES = {"uint16": "U16", "uint32": "U32", "uint8": "U8", "int64": "I64"}
 _ALIGN = 8
 
@@ -45,9 +47,11 @@ class ExamplesWriter:
         self.dtype = np.dtype(dtype)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         stem = f".{self.out.name}.tmp-{os.getpid()}"
-        self._tmp = {name: self.out.with_name(f"{stem}.{name}") for name in (*TENSORS, "all")}
+        self._tmp = {name: self.out.with_name(f"{stem}.{name}")
+                     for name in ("input_ids", "loss_mask", "all")}
         self._files = {name: open(self._tmp[name], "wb") for name in ("input_ids", "loss_mask")}
         self.offsets: list[int] = [0]
+        self.counts: list[int] = []
         self.tokens = 0
         self.loss_tokens = 0
 
@@ -68,7 +72,8 @@ class ExamplesWriter:
         self._files["input_ids"].write(ids.tobytes())
         self._files["loss_mask"].write(mask.tobytes())
         self.tokens += int(ids.size)
-        self.loss_tokens += int(mask.sum())
+        self.counts.append(int(mask.sum()))
+        self.loss_tokens += self.counts[-1]
         self.offsets.append(self.tokens)
 
     @property
@@ -79,10 +84,12 @@ class ExamplesWriter:
         """Write the file (atomically); returns `meta` with format, counts and sha256 added."""
         for f in self._files.values():
             f.close()
-        offsets = np.asarray(self.offsets, dtype=np.int64)
+        arrays = {"offsets": np.asarray(self.offsets, dtype=np.int64),
+                  "loss_tokens": np.asarray(self.counts, dtype=np.int64)}
         parts = {"input_ids": (self._tmp["input_ids"], self.dtype.name, self.tokens),
                  "loss_mask": (self._tmp["loss_mask"], "uint8", self.tokens),
-                 "offsets": (None, "int64", offsets.size)}
+                 "offsets": ("offsets", "int64", arrays["offsets"].size),
+                 "loss_tokens": ("loss_tokens", "int64", arrays["loss_tokens"].size)}
         header: dict[str, Any] = {}
         start = 0
         for name, (_, dtype, count) in parts.items():
@@ -101,8 +108,8 @@ class ExamplesWriter:
             head += b" " * (-len(head) % _ALIGN)
             out.write(struct.pack("<Q", len(head)) + head)
             for path, _, _ in parts.values():
-                if path is None:
-                    data = offsets.tobytes()
+                if path in arrays:
+                    data = arrays[path].tobytes()
                     out.write(data)
                     digest.update(data)
                     continue
@@ -180,7 +187,9 @@ class Examples:
         self.input_ids = arrays["input_ids"]
         self.loss_mask = arrays["loss_mask"]
         self.offsets = np.asarray(arrays["offsets"])
-        if self.offsets.size < 1 or self.offsets[-1] != self.input_ids.size:
+        self.loss_tokens = np.asarray(arrays["loss_tokens"])
+        if self.offsets.size < 1 or self.offsets[-1] != self.input_ids.size or \
+                self.loss_tokens.size != self.offsets.size - 1:
             raise DataError(f"{self.path}: its offsets do not match its {self.input_ids.size} "
                             "tokens; the file is damaged, prepare it again")
         self.lengths = np.diff(self.offsets)

@@ -41,6 +41,7 @@ def test_the_file_reads_back_with_safetensors_and_its_own_reader(tmp_path):
     arrays = load_file(str(tmp_path / "x.ex"))
     assert arrays["offsets"].tolist() == [0, 3, 8]
     assert arrays["loss_mask"].tolist() == [0, 1, 1, 0, 0, 1, 1, 1]
+    assert arrays["loss_tokens"].tolist() == [2, 3]
     assert meta["loss_tokens"] == 5 and meta["examples"] == 2 and meta["tokens"] == 8
     ex = Examples(tmp_path / "x.ex")
     assert ex.tokens(1).tolist() == arrays["input_ids"][3:].tolist()
@@ -103,6 +104,8 @@ def test_labels_count_the_answers_only_and_positions_restart(examples):
 def test_a_long_example_is_cut_to_the_row_and_padding_gives_one_example_a_row(examples):
     s = ExampleStream(examples, 32, seed=5, vocab_size=100, packing=False)
     assert s.truncated == 1 and s.lengths[5] == 32
+    assert s.counts[5] == np.count_nonzero(examples.mask(5)[1:32]) < examples.loss_tokens[5]
+    assert (s.counts[:5] == examples.loss_tokens[:5]).all()
     assert s.rows_per_epoch == len(examples)
     assert all(len(s.members(i)) == 1 for i in range(10))
     ordered = ExampleStream(examples, 32, seed=5, vocab_size=100, shuffle=False, limit=7)
