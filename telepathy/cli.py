@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "track": ("telepathy.track.cli", "sync: send a stopped run's steps to TensorBoard, W&B, MLflow"),
     "checkpoint": ("telepathy.checkpoint.cli", "list, verify or prune a run's checkpoints"),
     "export": ("telepathy.export.cli", "a run's weights as a Hugging Face model directory"),
-    "data": ("telepathy.data.cli", "prepare: local text through a local tokenizer into tokens"),
+    "data": ("telepathy.data.cli", "prepare: text or chats through a local tokenizer; toy data"),
     "cluster": ("telepathy.slurm.cluster", "start or stop the local single-node SLURM cluster"),
     "demo": ("telepathy.demo", "show a preemption and an exact resume on the tiny default"),
     "chaos": ("telepathy.chaos.cli", "inject faults into a job on SLURM; measure every recovery"),
