@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.fsutil import fsync_dir
+from ..core.fsutil import fsync_dir, write_json_atomic
 from ..core.paths import RunPaths, checkpoint_step
 from ..testing.faults import FaultPlan
 from .manifest import MANIFEST, STATE, parse_manifest
@@ -53,16 +53,28 @@ def complete_steps(checkpoints: Path) -> list[int]:
 
 
 def best_step(paths: RunPaths) -> int | None:
-    """The step of the run's best checkpoint (checkpoint.keep_best: the lowest eval_loss so
-    far), as the newest complete checkpoint records it; None when it records none."""
-    for _, ckpt in candidates(paths.checkpoints):
-        if is_complete(ckpt):
-            try:
-                best = json.loads((ckpt / STATE).read_text()).get("best")
-            except (OSError, ValueError, AttributeError):
-                return None
-            return best.get("step") if isinstance(best, dict) else None
-    return None
+    """The step of the run's best checkpoint (checkpoint.keep_best: the lowest eval_loss), that
+    is complete on disk: the one best.json names (written once the best was durable), else the
+    newest best a complete checkpoint records that is itself complete; None when there is none.
+    A record of a best that never became durable (a save that failed) is passed over."""
+    complete = set(complete_steps(paths.checkpoints))
+    named = [_best_in(paths.best)] + [_best_in(p / STATE)
+                                      for s, p in candidates(paths.checkpoints) if s in complete]
+    return next((step for step in named if step in complete), None)
+
+
+def _best_in(path: Path) -> int | None:
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    best = best.get("best", best) if isinstance(best, dict) else None
+    return best.get("step") if isinstance(best, dict) else None
+
+
+def record_best(paths: RunPaths, best: dict[str, Any]) -> None:
+    """best.json: the best checkpoint, once it is durable."""
+    write_json_atomic(paths.best, best)
 
 
 def remove(ckpt: Path, faults: FaultPlan = FaultPlan(), rank: int = 0) -> None:

@@ -186,16 +186,18 @@ class CheckpointManager:
         stall = time.time() - started
         hit("save.engine_done")
         jobs = self.writer.take_jobs()
+        best = state.get("best")  # checkpoint.keep_best: this step is the best once durable
         self._thread = threading.Thread(target=self._persist, name=f"ckpt-{step}", daemon=True,
                                         args=(step, reason, ckpt, jobs, started, stall,
-                                              self.writer.copy_s))
+                                              self.writer.copy_s,
+                                              best if best and best["step"] == step else None))
         self._thread.start()
         if wait or not self.async_save:
             self.wait()
         return stall
 
     def _persist(self, step: int, reason: str, ckpt: Path, jobs: list, started: float,
-                 stall: float, copy_s: float = 0.0) -> None:
+                 stall: float, copy_s: float = 0.0, best: dict[str, Any] | None = None) -> None:
         """Background, every rank: finish this rank's files, agree, and (rank 0) commit."""
         hit = lambda point: self.faults.hit(point, step, self.dist.rank)  # noqa: E731
         entries: dict[str, Any] = {}
@@ -240,6 +242,8 @@ class CheckpointManager:
             if error is None:
                 try:  # the new checkpoint is durable: a failed prune must not undo it
                     hit("save.done")
+                    if best is not None:
+                        directory.record_best(self.paths, best)
                     self.prune()
                 except Exception as exc:
                     log.warning("pruning after the save of step %d failed: %s: %s", step,
@@ -399,6 +403,14 @@ class CheckpointManager:
     def prune(self) -> list[str]:
         """Keep the newest `keep` complete checkpoints (directory.prune, as the CLI prunes)."""
         return directory.prune(self.paths, self.keep, faults=self.faults, rank=self.dist.rank)
+
+    def record_best(self, best: dict[str, Any]) -> None:
+        """Collective: the checkpoint of `best["step"]`, already on disk (saved before its
+        evaluation finished), is the best: best.json says so once it is complete."""
+        self.wait()
+        if self.dist.is_main and directory.is_complete(self.paths.checkpoint(best["step"])):
+            directory.record_best(self.paths, best)
+        self.dist.barrier()
 
     def newest_complete_step(self) -> int:
         """Collective: the newest step with a complete checkpoint, rank 0's view (0: none)."""

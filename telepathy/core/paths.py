@@ -49,6 +49,12 @@ class RunPaths:
         return self.root / "checkpoints"
 
     @property
+    def best(self) -> Path:
+        """checkpoint.keep_best: {"step", "eval_loss"} of the best checkpoint, written once that
+        checkpoint is durable (checked against the checkpoints before it is believed)."""
+        return self.checkpoints / "best.json"
+
+    @property
     def data(self) -> Path:
         return self.root / "data"
 

@@ -9,7 +9,7 @@ rendered text: for assistant message i, P = the chat before it with the generati
 the chat up to it; Q must begin with P and the whole rendering with Q (else the template is not
 prefix-consistent, and is refused). The answer is characters [len(P), len(Q)) without trailing
 whitespace (ChatML's "\\n" after `<|im_end|>` does not count, `<|im_end|>` does); a token counts
-when its first character lies in an answer (the rendering tokenized with its offsets, as
+when it holds a character of an answer (the rendering tokenized with its offsets, as
 `apply_chat_template` tokenizes it: no special tokens added).
 
 Prompt-completion rows follow TRL's SFTTrainer: strings are tokenized as prompt + completion +
@@ -188,15 +188,18 @@ class Encoder:
 
     def tokens_in(self, text: str, spans: list[tuple[int, int]],
                   special_tokens: bool) -> Encoded:
-        """`text` tokenized; a token counts when its first character lies in one of `spans`
-        (sorted, not overlapping)."""
+        """`text` tokenized; a token counts when it holds a character of one of `spans`
+        (sorted, not overlapping): also a token that begins in the prompt and runs into the
+        answer (a generation prompt ending in a space that BPE joins to the answer's first word)."""
         enc = self.tokenizer(text, add_special_tokens=special_tokens,
                              return_offsets_mapping=True)
         starts = [a for a, _ in spans]
         mask = []
-        for begin, _ in enc["offset_mapping"]:
+        for begin, end in enc["offset_mapping"]:
             k = bisect.bisect_right(starts, begin) - 1
-            mask.append(int(k >= 0 and begin < spans[k][1]))
+            inside = k >= 0 and begin < spans[k][1]
+            into_next = k + 1 < len(spans) and end > spans[k + 1][0] and end > begin
+            mask.append(int(inside or into_next))
         return list(enc["input_ids"]), mask
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:

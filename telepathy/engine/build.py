@@ -146,6 +146,9 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=conf)
     del hf_ds
+    # from_pretrained hands the model over in eval mode: train in training mode, as transformers'
+    # Trainer does (dropout on, gradient checkpointing in effect); evaluations restore it.
+    engine.train()
     return engine
 
 

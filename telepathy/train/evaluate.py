@@ -70,6 +70,7 @@ class Evaluator:
         started = time.perf_counter()
         total = torch.zeros((), dtype=torch.float64)
         counted = 0
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
             for batch in batches_of(self.rows, self.dist.rank, self.dist.world_size,
@@ -86,7 +87,8 @@ class Evaluator:
                     total += summed.double().cpu()
                     counted += self.stream.loss_tokens(batch)
         finally:
-            model.train()
+            for module, training in modes:  # as it was: a user's frozen part may stay in eval
+                module.training = training
         loss, tokens = self.dist.sum([total, counted])
         return EvalResult(step, loss / max(tokens, 1), int(tokens), self.rows,
                           time.perf_counter() - started)

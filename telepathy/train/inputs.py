@@ -20,8 +20,10 @@ from ..slurm.env import DistEnv
 
 
 def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
-    """Everything that can be checked before any distributed or GPU work; the data file's
-    sidecar (None: synthetic data, or a token file prepared elsewhere)."""
+    """Everything that can be checked before any distributed or GPU work; what the run's data
+    files hold, recorded in every checkpoint: the data file's sidecar (a file of examples
+    without one: its own header), with the eval file's under `eval` (None: synthetic data, or
+    a token file prepared elsewhere, and no eval.path)."""
     if cfg.model.pretrained_path and not (Path(cfg.model.pretrained_path) / "config.json").is_file():
         raise TelepathyError(f"model.pretrained_path={cfg.model.pretrained_path!r} has no "
                              "config.json; point it at a local Hugging Face model directory")
@@ -32,20 +34,31 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
                              f"(its config.json); set data.seq_len to at most {positions}")
     meta = None
     if cfg.data.path is not None:
-        meta = sidecar.read(cfg.data.path)
+        check_readable(cfg.data.path, cfg.data.dtype, "data.path")
+        meta = file_meta(cfg.data.path)
         if meta is not None:
             sidecar.check(cfg, meta, vocab if cfg.model.pretrained_path else None)
-        check_readable(cfg.data.path, cfg.data.dtype, "data.path")
     if cfg.eval.path is not None:
-        check_eval_file(cfg, vocab)
+        held_out = check_eval_file(cfg, vocab, meta)
+        meta = {**(meta or {}), "eval": {"path": cfg.eval.path,
+                                         "sha256": held_out.get("sha256")}}
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
     check_trackers(cfg)
     return meta
 
 
+def file_meta(path: str) -> dict | None:
+    """A prepared file's sidecar; for a file of examples without one (a prepare cut off between
+    the file and its sidecar), the same description from its own header."""
+    meta = sidecar.read(path)
+    if meta is None and is_examples_file(path):
+        meta = Examples(path).meta
+    return meta
+
+
 def check_readable(path: str, dtype: str, key: str) -> None:
     """A token file maps as `dtype` tokens; a file of examples opens (its offsets agree)."""
-    if not Path(path).is_file():
+    if key != "data.path" and not Path(path).is_file():
         raise DataError(f"{key}={path!r} does not exist; prepare it with telepathy data prepare")
     if is_examples_file(path):
         Examples(path)
@@ -53,19 +66,23 @@ def check_readable(path: str, dtype: str, key: str) -> None:
         open_tokens(path, dtype)
 
 
-def check_eval_file(cfg: Config, vocab: int) -> None:
-    """eval.path opens, and its tokens fit the model's vocabulary (its sidecar says)."""
+def check_eval_file(cfg: Config, vocab: int, train: dict | None) -> dict:
+    """eval.path opens, its tokens fit the model's vocabulary and come from the training data's
+    tokenizer (their sidecars say), and some of its tokens count in a loss; its description."""
     check_readable(cfg.eval.path, cfg.data.dtype, "eval.path")
-    meta = sidecar.read(cfg.eval.path) or {}
+    meta = file_meta(cfg.eval.path) or {}
+    if meta.get("loss_tokens") == 0:
+        raise DataError(f"eval.path={cfg.eval.path!r}: no token of it counts in the loss (its "
+                        "sidecar says loss_tokens 0); prepare held-out examples with answers")
     if meta.get("vocab_size", 0) > vocab:
         raise DataError(f"eval.path={cfg.eval.path!r} was tokenized with {meta.get('tokenizer')!r}"
                         f", a vocabulary of {meta['vocab_size']} tokens, more than the model's "
                         f"{vocab}; prepare it with the training data's tokenizer")
-    train = sidecar.read(cfg.data.path) if cfg.data.path else None
     if train and meta and train.get("tokenizer_sha256") != meta.get("tokenizer_sha256"):
         raise DataError(f"eval.path={cfg.eval.path!r} and data.path={cfg.data.path!r} were "
                         "prepared with different tokenizers (their sidecars' tokenizer_sha256 "
                         "differ); prepare both with the same one")
+    return meta
 
 
 TRACKER_MODULES = {"tensorboard": ("tensorboard",), "wandb": ("wandb",),

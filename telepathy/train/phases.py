@@ -29,7 +29,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.universal import CONVERT_TIMEOUT_S, universal_checkpoint
 from ..config import Config
 from ..config.trajectory import trajectory_changes
-from ..core.errors import ResumeRefused, RunLocked
+from ..core.errors import DataError, ResumeRefused, RunLocked
 from ..core.eventlog import EventLog
 from ..core.events import Event, Stamp, is_train_row, launches, of_kind
 from ..core.fsutil import write_json_atomic
@@ -360,15 +360,19 @@ def tracker_relay(cfg: Config, paths: RunPaths, dist: Dist, restart: int, resume
 def check_resumable(found: Found, cfg: Config, force: bool, data: dict | None = None) -> list[str]:
     """Refuse a resume that would change the trajectory; return the changes --force lets through.
 
-    A different world size is not such a change: the planner keeps the global batch. A token
-    file whose content changed under the same path is one (the SHA-256 of its sidecar).
+    A different world size is not such a change: the planner keeps the global batch. A data or
+    eval file whose content changed under the same path is one (the SHA-256 of its sidecar): the
+    best checkpoint compares evaluations of one set.
     """
     changes = trajectory_changes(found.state["config"], cfg.to_dict())
-    before = (found.state.get("data") or {}).get("sha256")
-    now = (data or {}).get("sha256")
-    if before and now and before != now:
-        changes.append(f"data file content ({cfg.data.path}): sha256 {before[:12]}... -> "
-                       f"{now[:12]}...")
+    saved = found.state.get("data") or {}
+    for what, path, before, now in (
+            ("data", cfg.data.path, saved.get("sha256"), (data or {}).get("sha256")),
+            ("eval", cfg.eval.path, (saved.get("eval") or {}).get("sha256"),
+             ((data or {}).get("eval") or {}).get("sha256"))):
+        if before and now and before != now:
+            changes.append(f"{what} file content ({path}): sha256 {before[:12]}... -> "
+                           f"{now[:12]}...")
     if changes and not force:
         raise ResumeRefused(
             f"the config differs from checkpoint {found.path.name} in ways that change the "
@@ -444,9 +448,20 @@ def open_stream(cfg: Config, path: str | Path, vocab: int, meta: dict | None,
     limit = cfg.eval.max_examples if evaluation else 0
     if is_examples_file(path):
         pad = (meta or {}).get("pad_token_id")
-        return ExampleStream(Examples(path), cfg.data.seq_len, cfg.data.seed, vocab,
-                             cfg.data.packing, 0 if pad is None else int(pad),
-                             shuffle=not evaluation, limit=limit)
+        stream = ExampleStream(Examples(path), cfg.data.seq_len, cfg.data.seed, vocab,
+                               cfg.data.packing, 0 if pad is None else int(pad),
+                               shuffle=not evaluation, limit=limit)
+        if stream.truncated:
+            lost = int(stream.examples.loss_tokens[:stream.num_examples].sum() - stream.counts.sum())
+            log.warning("%s: %d of %d examples are longer than data.seq_len=%d and are cut to it "
+                        "(%d of their loss tokens lost); prepare with --max-len %d to see which",
+                        path, stream.truncated, stream.num_examples, cfg.data.seq_len, lost,
+                        cfg.data.seq_len)
+        if not stream.counts.any():
+            raise DataError(f"{path}: no token of its examples counts in the loss within "
+                            f"data.seq_len={cfg.data.seq_len}; raise data.seq_len or prepare "
+                            "examples whose answers fit")
+        return stream
     return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed, vocab,
                        shuffle=not evaluation, limit=limit)
 
@@ -455,10 +470,10 @@ def evaluator(cfg: Config, dist: Dist, micro_batch: int, faults: Any) -> Any:
     """The validation of eval.path (None when it is not set)."""
     if cfg.eval.path is None:
         return None
-    from ..data import sidecar
     from .evaluate import Evaluator
+    from .inputs import file_meta
 
-    stream = open_stream(cfg, cfg.eval.path, limits(cfg)[0], sidecar.read(cfg.eval.path),
+    stream = open_stream(cfg, cfg.eval.path, limits(cfg)[0], file_meta(cfg.eval.path),
                          evaluation=True)
     return Evaluator(stream, dist, micro_batch, faults)
 

@@ -45,6 +45,8 @@ class Checkpoints(Protocol):
 
     def newest_complete_step(self) -> int: ...
 
+    def record_best(self, best: dict[str, Any]) -> None: ...
+
 
 class Steps(Protocol):
     """Runs optimizer steps on the model."""

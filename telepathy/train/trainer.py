@@ -328,11 +328,13 @@ class Trainer:
         self.watchdog.expect(f"the first step ({start_step + 1}) after start-up",
                              self.info.first_step_allowance_s)
         while True:
-            improved = self.evaluate(step)
+            improved = self.evaluate(step, start_step)
             reason = step_save(step, total, last_saved, self.cfg.checkpoint.every_steps) or \
                 best_save(step, total, last_saved, improved)
             if reason and self.save(step, reason):
                 last_saved = step
+            elif improved and step == last_saved:  # saved before this evaluation could finish
+                self.checkpoints.record_best(self.best)
             boundary, last_saved = self.boundary(step, last_saved)
             decision = decide(boundary)
             if decision.action is not Action.TRAIN:
@@ -353,17 +355,19 @@ class Trainer:
                                          "the data")
 
     # -- validation -------------------------------------------------------------------------------
-    def evaluate(self, step: int) -> bool:
+    def evaluate(self, step: int, start_step: int) -> bool:
         """Collective: the evaluation of step `step` when one is due; whether it improved on the
-        best and checkpoint.keep_best wants this step saved. A preemption signal stops it
-        unfinished (nothing written): the boundary then saves and leaves, and the resumed run
-        evaluates this step again."""
+        best that checkpoint.keep_best keeps (only then is a best tracked). A preemption signal
+        stops it unfinished (nothing written): the boundary then saves and leaves, and the
+        resumed run evaluates this step again, first."""
         if self.evaluator is None or not eval_due(step, self.cfg.train.steps,
                                                   self.cfg.eval.every_steps, self.last_evaluated):
             return False
-        self.watchdog.expect(f"evaluating after step {step}")
+        # Right after start-up the first forward still has start-up's allowance.
+        allowance = self.info.first_step_allowance_s if step == start_step else None
+        self.watchdog.expect(f"evaluating after step {step}", allowance)
         result = self.evaluator.run(self.steps.engine, step, self.flag, self.watchdog.progress)
-        self.watchdog.expect(f"training step {step + 1}")
+        self.watchdog.expect(f"training step {step + 1}", allowance)
         if result is None:
             log.warning("preemption signal during the evaluation of step %d: it stops here and "
                         "is done again after the resume", step)
@@ -375,11 +379,10 @@ class Trainer:
                             "job_id": self.info.job_id})
         log.info("step %d eval_loss %.4f over %d tokens (%.2f s)", step, result.loss,
                  result.tokens, result.seconds)
-        if self.best is not None and result.loss >= self.best["eval_loss"]:
+        if not self.cfg.checkpoint.keep_best or (self.best is not None
+                                                 and result.loss >= self.best["eval_loss"]):
             return False
         previous, self.best = self.best or {}, {"step": step, "eval_loss": result.loss}
-        if not self.cfg.checkpoint.keep_best:
-            return False
         self.events.emit(Event.BEST_CHECKPOINT, step=step, eval_loss=result.loss,
                          previous_step=previous.get("step"),
                          previous_eval_loss=previous.get("eval_loss"))

@@ -421,3 +421,22 @@ def test_toy_data_is_deterministic_and_skewed(tokenizers, tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "toy" / "tokenizer"),
                                               local_files_only=True)
     assert len(tokenizer) <= 512 and tokenizer.chat_template == toy.CHATML_TEMPLATE
+
+
+def test_an_answer_whose_first_token_begins_in_the_generation_prompt_counts_it(tokenizers,
+                                                                               tmp_path):
+    """A plain template whose generation prompt ends in a space: byte-level BPE joins that space
+    to the answer's first word, and that token is the first of the answer."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer = tokenizers["chatml"][1]
+    toy.write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT[1:3]}])
+    out = tmp_path / "out.ex"
+    assert prepare(tokenizers["chatml"][0], out, [tmp_path / "chats.jsonl"], "chat",
+                   "--chat-template", str(template)) == 0
+    (ids, mask), = made(out)[0]
+    answer = CHAT[2]["content"]
+    joined = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    assert ids[-len(joined) - 1:-1] == joined  # " First" is one token, begun in the prompt
+    assert [i for i, m in zip(ids, mask) if m] == joined

@@ -137,3 +137,17 @@ def test_pruning_keeps_the_best_beside_the_newest(tmp_path):
     fake_checkpoint(paths, 50, {"step": 50, "eval_loss": 0.5})  # a new best: the old one goes
     assert directory.prune(paths, keep=2) == ["step_00000010", "step_00000030"]
     assert directory.complete_steps(paths.checkpoints) == [40, 50]
+
+
+def test_a_best_that_never_became_durable_or_an_unreadable_record_does_not_unprotect_the_best(
+        tmp_path):
+    paths = RunPaths.at(tmp_path)
+    fake_checkpoint(paths, 10, {"step": 10, "eval_loss": 1.0})
+    fake_checkpoint(paths, 20, {"step": 10, "eval_loss": 1.0})
+    fake_checkpoint(paths, 40, {"step": 30, "eval_loss": 0.9})  # the save of 30 failed
+    fake_checkpoint(paths, 50, {"step": 30, "eval_loss": 0.9})
+    (paths.checkpoint(50) / STATE).write_text("{not json")  # a damaged record is passed over
+    assert directory.best_step(paths) == 10
+    assert directory.prune(paths, keep=2) == ["step_00000020"]
+    directory.record_best(paths, {"step": 40, "eval_loss": 0.8})  # best.json comes first
+    assert directory.best_step(paths) == 40

@@ -58,6 +58,7 @@ class FakeCheckpoints:
     """Results come only from wait(): a save still being written when the run leaves."""
     expected_seconds: float | None = None
     saves: list = field(default_factory=list)
+    recorded_best: list = field(default_factory=list)
     complete: list = field(default_factory=list)
     pending: list = field(default_factory=list)
 
@@ -85,6 +86,9 @@ class FakeCheckpoints:
 
     def newest_complete_step(self):
         return max(self.complete, default=0)
+
+    def record_best(self, best):
+        self.recorded_best.append(best["step"])
 
 
 @dataclass
@@ -428,6 +432,7 @@ def test_without_keep_best_evaluations_save_nothing():
     assert trainer.run(0) == exits.FINISHED
     assert [r for _, r, _, _ in ckpts.saves] == ["interval_steps", "interval_steps", "final"]
     assert "best_checkpoint" not in kinds(events)
+    assert trainer.state(12)["best"] is None  # nothing to keep, nothing kept
 
 
 def test_a_signal_during_an_evaluation_saves_that_step_and_the_resume_evaluates_it_again():
@@ -444,4 +449,5 @@ def test_a_signal_during_an_evaluation_saves_that_step_and_the_resume_evaluates_
     assert again.run(6, evaluated={"eval": saved["eval"], "best": saved["best"]}) == exits.FINISHED
     assert again.evaluator.runs == [6, 9, 12]  # step 6 first, once
     assert [s for s, _, _, _ in ckpts2.saves] == [10, 12]  # step 6 is on disk already
+    assert ckpts2.recorded_best == [6]  # the final save records 12 itself
     assert again.state(12)["best"] == {"step": 12, "eval_loss": 1.2}
