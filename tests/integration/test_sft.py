@@ -186,3 +186,33 @@ def test_the_best_checkpoint_survives_pruning_and_its_export_answers_in_the_temp
     assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|im_start|>assistant\n")
     answer = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert answer.shape[1] > prompt["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2",
+                                  "gpt_neox"])
+def test_every_arch_telepathy_builds_keeps_packed_examples_apart(sft_data, arch):
+    """transformers finds the restarts of the position ids for every architecture telepathy
+    builds (Llama: above): a packed row's loss is its examples' (within 1e-5)."""
+    from transformers import AutoModelForCausalLM
+
+    from telepathy.config import config_from_dict
+    from telepathy.engine.build import model_config
+
+    heads = 4 if arch in ("gpt2", "gpt_neox") else 2
+    cfg = config_from_dict({"model": {"arch": arch, "vocab_size": 512, "max_seq_len": 128,
+                                      "num_kv_heads": heads}, "data": {"seq_len": 128}})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config(cfg, torch.float32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    examples = Examples(sft_data["train"])
+    packed = ExampleStream(examples, 128, seed=1, vocab_size=512)
+    padded = ExampleStream(examples, 128, seed=1, vocab_size=512, packing=False, shuffle=False)
+    rows = [r for r in range(packed.rows_per_epoch) if len(packed.members(r)) > 2][:2]
+    with torch.no_grad():
+        for row in rows:
+            together = loss_sum(model, packed.inputs(np.array([row])), CPU).item()
+            alone = sum(loss_sum(model, padded.inputs(np.array([e])), CPU).item()
+                        for e in packed.members(row))
+            assert together == pytest.approx(alone, rel=RTOL)
