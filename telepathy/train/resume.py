@@ -14,8 +14,9 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,106 +51,192 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args(argv)
 
 
+@dataclass(frozen=True)
+class Layouts:
+    """The placement of this allocation, and the micro-batch caps that out-of-memory errors of
+    earlier allocations carried, each from the step where it struck."""
+
+    cfg: Config
+    world_size: int
+    gpu_mem_gib: float | None
+    placement: Any
+    carries: list[dict[str, Any]]
+
+    def at(self, step: int) -> Any:
+        """The layout of optimizer step `step` (1-based): capped from where an OOM struck on."""
+        from . import phases
+        from .inputs import make_plan
+
+        cap = phases.micro_cap(self.carries, step)
+        return self.placement.layout if cap is None else \
+            make_plan(self.cfg, self.world_size, self.gpu_mem_gib, cap).layout
+
+    def switches(self, first: int) -> list[tuple[int, Any]]:
+        """The layouts that take over after step `first`, by the step they start at."""
+        return [(c["from_step"], self.at(c["from_step"])) for c in self.carries
+                if c["from_step"] > first]
+
+
+def plan_layouts(cfg: Config, env: DistEnv, gpu_mem_gib: float | None, paths: RunPaths) -> Layouts:
+    from . import phases
+    from .inputs import make_plan
+
+    placement = make_plan(cfg, env.world_size, gpu_mem_gib)
+    carries = phases.carried_layouts(paths)
+    if carries:
+        placement = dataclasses.replace(placement, notes=placement.notes + tuple(
+            f"micro-batch at most {c['micro_batch']} from step {c['from_step']} ({c['why']}; "
+            f"{paths.plan_carry.name}: delete it to plan afresh)" for c in carries))
+    return Layouts(cfg, env.world_size, gpu_mem_gib, placement, carries)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """This allocation once its process group, watchdog, run lock and logs are up: what every
+    later phase of the start-up, and the trainer, may use."""
+
+    cfg: Config
+    paths: RunPaths
+    slurm: SlurmEnv
+    dist: Any
+    watchdog: Any
+    logs: Any
+    """phases.RunLogs: events.jsonl, metrics.jsonl, the restart index."""
+    info: Any
+    """trainer.RunInfo: the restart, the job, the data's sidecar, start-up's allowance."""
+    saves_s: tuple[float, ...]
+    """The last saves' seconds, measured by earlier allocations."""
+    stamp: Callable[[], Stamp]
+
+    def expect(self, what: str) -> None:
+        """The watchdog's next stage of the start-up, with start-up's allowance."""
+        self.watchdog.expect(f"start-up: {what}", self.info.first_step_allowance_s)
+
+
+def open_allocation(stack: ExitStack, cfg: Config, paths: RunPaths, env: DistEnv,
+                    slurm: SlurmEnv, device: Any, layouts: Layouts, data: dict | None,
+                    log_files: Mapping[str, str] | None) -> Allocation:
+    """Collective: the process group, the watchdog, the run lock, the logs with the launch
+    event, the node heartbeat and the system monitor; each closed by `stack`."""
+    from . import phases
+    from .trainer import RunInfo
+
+    dist = stack.enter_context(phases.process_group(env, device, phases.collective_timeout_s(cfg)))
+    logs.set_rank(dist.rank)
+    job_id = slurm.job_id or env.job_id
+    # The allocation's stamp (its index is the number of launches so far, also before its own
+    # launch event is written).
+    stamp = [Stamp(launches(list(read_jsonl(paths.events))), job_id, dist.world_size)]
+    dog = stack.enter_context(phases.watchdog(cfg, paths, dist, lambda: stamp[0]))
+    dog.expect("start-up: taking the run lock", phases.STARTUP_FLOOR_S)
+    stack.enter_context(phases.run_lock(dist, paths, job_id))
+    run_logs = stack.enter_context(phases.run_logs(dist, paths, job_id))
+    stamp[0] = run_logs.events.stamp
+    stack.enter_context(phases.node_heartbeat(cfg, paths, dist, env, lambda: stamp[0],
+                                              lambda: dog.step))
+    durations = phases.measured_durations(paths, dist)
+    info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data,
+                   first_step_allowance_s=phases.startup_allowance_s(durations))
+    run = Allocation(cfg, paths, slurm, dist, dog, run_logs, info, durations.saves_s,
+                     lambda: stamp[0])
+    run.expect("finding the checkpoint")
+    phases.record_launch(run_logs.events, dist, env, slurm, device, layouts.placement, log_files)
+    stack.enter_context(phases.system_monitor(cfg, env, paths))
+    return run
+
+
+def checkpoint_manager(run: Allocation, faults: FaultPlan) -> Any:
+    from ..checkpoint.manager import CheckpointManager
+    from . import phases
+
+    checkpoints = CheckpointManager(run.paths, run.dist, run.cfg.checkpoint.keep, faults,
+                                    hash_algorithm=run.cfg.checkpoint.hash,
+                                    async_save=run.cfg.checkpoint.async_save,
+                                    progress=run.watchdog.progress,
+                                    timeout_s=phases.collective_timeout_s(run.cfg))
+    checkpoints.recent_seconds = list(run.saves_s)
+    return checkpoints
+
+
+def build(run: Allocation, layout: Any, device: Any, offload: Any, checkpoints: Any,
+          load_universal: bool) -> tuple[Any, int, int]:
+    """The ZeRO-3 engine, saved through `checkpoints`: (engine, parameters, trained ones)."""
+    from ..engine.build import build_engine, count_parameters, count_trainable, has_frozen, import_libraries
+
+    run.expect("building the engine")
+    import_libraries()
+    freeze_imports()
+    engine = build_engine(run.cfg, layout, device.cuda, offload, load_universal=load_universal)
+    checkpoints.attach(engine)
+    parameters, trainable = count_parameters(engine), count_trainable(engine)
+    # A frozen base stays where it is (model.pretrained_path, verified at every start).
+    checkpoints.exclude_frozen = bool(run.cfg.model.pretrained_path) and has_frozen(engine)
+    # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
+    checkpoints.estimate_bytes = 16 * (trainable if checkpoints.exclude_frozen else parameters)
+    return engine, parameters, trainable
+
+
+def make_trainer(stack: ExitStack, run: Allocation, engine: Any, stream: Any, layout: Any,
+                 layouts: Layouts, checkpoints: Any, start: Any, flag: PreemptionFlag,
+                 faults: FaultPlan, dump: StateDump) -> Any:
+    """The training loop's collaborators: the steps on the engine, the evaluation, the tracker
+    relay (stopped by `stack`), the carrying of a smaller micro-batch after an OOM."""
+    from . import phases
+    from .steps import EngineSteps
+    from .trainer import Trainer
+
+    cfg, dist = run.cfg, run.dist
+    relay = phases.tracker_relay(cfg, run.paths, dist, run.logs.restart, start.step,
+                                 run.info.job_id)
+    if relay is not None:
+        stack.callback(relay.stop)
+
+    def carry(new: Any, step: int, exc: BaseException) -> None:
+        phases.carry_smaller_layout(run.paths, dist, run.stamp, trainer.layout, new, step, exc)
+        # Leave now: unwinding would destroy a process group whose collectives the dropped
+        # step left in flight (NCCL may block there); srun stops the other ranks.
+        logs.flush()
+        os._exit(exits.OUT_OF_MEMORY)
+
+    trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream, layout,
+                      checkpoints, flag, run.logs.metrics, run.logs.events, run.info, faults,
+                      time_left=lambda: phases.time_left(run.slurm), dump=dump,
+                      watchdog=run.watchdog, carry=carry,
+                      switches=layouts.switches(start.step + 1),
+                      before_exit=relay.stop if relay is not None else lambda budget_s: None,
+                      evaluator=phases.evaluator(cfg, dist, layout.micro_batch, faults))
+    return trainer
+
+
 def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: PreemptionFlag,
           force: bool, faults: FaultPlan, dump: StateDump = StateDump(),
           data: dict | None = None, log_files: Mapping[str, str] | None = None) -> int:
     """The set-up phases (phases.py) in order, then the training loop; the exit code."""
     from ..checkpoint import rng
-    from ..checkpoint.manager import CheckpointManager
-    from ..engine.build import build_engine, count_parameters, count_trainable, has_frozen, import_libraries
     from . import phases
-    from .inputs import make_plan
-    from .steps import EngineSteps
-    from .trainer import RunInfo, Trainer
 
     device = phases.choose_device(cfg, env)
-    placement = make_plan(cfg, env.world_size, device.gpu_mem_gib)
-    carries = phases.carried_layouts(paths)
-
-    def layout_at(step: int) -> Any:
-        """The layout of optimizer step `step`: capped from where an OOM struck on."""
-        cap = phases.micro_cap(carries, step)
-        return placement.layout if cap is None else \
-            make_plan(cfg, env.world_size, device.gpu_mem_gib, cap).layout
-
-    if carries:
-        placement = dataclasses.replace(placement, notes=placement.notes + tuple(
-            f"micro-batch at most {c['micro_batch']} from step {c['from_step']} ({c['why']}; "
-            f"{paths.plan_carry.name}: delete it to plan afresh)" for c in carries))
+    layouts = plan_layouts(cfg, env, device.gpu_mem_gib, paths)
     with ExitStack() as stack:
-        dist = stack.enter_context(phases.process_group(env, device,
-                                                        phases.collective_timeout_s(cfg)))
-        logs.set_rank(dist.rank)
-        job_id = slurm.job_id or env.job_id
-        # The allocation's stamp (its index is the number of launches so far, also before its own
-        # launch event is written).
-        stamp = [Stamp(launches(list(read_jsonl(paths.events))), job_id, dist.world_size)]
-        dog = stack.enter_context(phases.watchdog(cfg, paths, dist, lambda: stamp[0]))
-        dog.expect("start-up: taking the run lock", phases.STARTUP_FLOOR_S)
-        stack.enter_context(phases.run_lock(dist, paths, job_id))
-        run_logs = stack.enter_context(phases.run_logs(dist, paths, job_id))
-        stamp[0] = run_logs.events.stamp
-        stack.enter_context(phases.node_heartbeat(cfg, paths, dist, env, lambda: stamp[0],
-                                                  lambda: dog.step))
-        durations = phases.measured_durations(paths, dist)
-        info = RunInfo(restart=run_logs.restart, job_id=job_id, data=data,
-                       first_step_allowance_s=phases.startup_allowance_s(durations))
-        dog.expect("start-up: finding the checkpoint", info.first_step_allowance_s)
-        phases.record_launch(run_logs.events, dist, env, slurm, device, placement, log_files)
-        stack.enter_context(phases.system_monitor(cfg, env, paths))
-        checkpoints = CheckpointManager(paths, dist, cfg.checkpoint.keep, faults,
-                                        hash_algorithm=cfg.checkpoint.hash,
-                                        async_save=cfg.checkpoint.async_save,
-                                        progress=dog.progress,
-                                        timeout_s=phases.collective_timeout_s(cfg))
-        checkpoints.recent_seconds = list(durations.saves_s)
-        resumable = phases.find_checkpoint(checkpoints, cfg, paths, dist, run_logs.events, force,
-                                           data, dog)
-        dog.expect("start-up: building the engine", info.first_step_allowance_s)
-        phases.write_effective_config(cfg, paths, dist)
-        phases.keep_tokenizer(data, paths, dist)
-        stream = phases.token_stream(cfg, paths, dist, data)
-        first = (resumable.found.step if resumable.found else 0) + 1
-        layout = layout_at(first)
-        switches = [(c["from_step"], layout_at(c["from_step"])) for c in carries
-                    if c["from_step"] > first]
-        import_libraries()
-        freeze_imports()
-        engine = build_engine(cfg, layout, device.cuda, placement.offload,
-                              load_universal=resumable.universal is not None)
-        checkpoints.attach(engine)
-        parameters = count_parameters(engine)
-        # A frozen base stays where it is (model.pretrained_path, verified at every start).
-        checkpoints.exclude_frozen = bool(cfg.model.pretrained_path) and has_frozen(engine)
-        # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
-        trainable = count_trainable(engine)
-        checkpoints.estimate_bytes = 16 * (trainable if checkpoints.exclude_frozen
-                                           else parameters)
-        rng.seed_all(cfg.train.seed + dist.rank)
-        dog.expect("start-up: loading the checkpoint", info.first_step_allowance_s)
-        start = phases.restore(checkpoints, engine, resumable, cfg, run_logs.events,
-                               run_logs.restart, parameters, placement, dist, paths,
+        run = open_allocation(stack, cfg, paths, env, slurm, device, layouts, data, log_files)
+        checkpoints = checkpoint_manager(run, faults)
+        resumable = phases.find_checkpoint(checkpoints, cfg, paths, run.dist, run.logs.events,
+                                           force, data, run.watchdog)
+        run.expect("preparing the data")
+        phases.write_effective_config(cfg, paths, run.dist)
+        phases.keep_tokenizer(data, paths, run.dist)
+        stream = phases.token_stream(cfg, paths, run.dist, data)
+        layout = layouts.at((resumable.found.step if resumable.found else 0) + 1)
+        engine, parameters, trainable = build(run, layout, device, layouts.placement.offload,
+                                              checkpoints, resumable.universal is not None)
+        rng.seed_all(cfg.train.seed + run.dist.rank)
+        run.expect("loading the checkpoint")
+        start = phases.restore(checkpoints, engine, resumable, cfg, run.logs.events,
+                               run.logs.restart, parameters, layouts.placement, run.dist, paths,
                                trainable)
-
-        relay = phases.tracker_relay(cfg, paths, dist, run_logs.restart, start.step, job_id)
-        if relay is not None:
-            stack.callback(relay.stop)
-
-        def carry(new: Any, step: int, exc: BaseException) -> None:
-            phases.carry_smaller_layout(paths, dist, lambda: stamp[0], trainer.layout, new, step,
-                                        exc)
-            # Leave now: unwinding would destroy a process group whose collectives the dropped
-            # step left in flight (NCCL may block there); srun stops the other ranks.
-            logs.flush()
-            os._exit(exits.OUT_OF_MEMORY)
-
-        trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream,
-                          layout, checkpoints, flag, run_logs.metrics, run_logs.events,
-                          info, faults, time_left=lambda: phases.time_left(slurm), dump=dump,
-                          watchdog=dog, carry=carry, switches=switches,
-                          before_exit=relay.stop if relay is not None else lambda budget_s: None,
-                          evaluator=phases.evaluator(cfg, dist, layout.micro_batch, faults))
-        dump.after_load(engine, dist, start.step)
+        trainer = make_trainer(stack, run, engine, stream, layout, layouts, checkpoints, start,
+                               flag, faults, dump)
+        dump.after_load(engine, run.dist, start.step)
         settle_gc()
         return trainer.run(start.step, start.train_time_s, start.samples_seen, start.evaluated)
 
