@@ -18,6 +18,8 @@ bench-smoke: setup
 	.venv/bin/python -m bench.monitor_overhead --smoke
 	.venv/bin/python -m bench.memory_model --smoke
 	.venv/bin/python -m bench.checkpoint --smoke
+	.venv/bin/python -m bench.checkpoint --smoke --peer dcp
+	.venv/bin/python -m bench.train_step --smoke --peer deepspeed
 	.venv/bin/python -m bench.finetune --smoke
 	.venv/bin/python -m bench.sft --smoke
 	.venv/bin/python -m bench.track_overhead --smoke

@@ -1,6 +1,7 @@
 """Checkpoint save and load against the disk itself, torch.save and DeepSpeed, as JSON + a table.
 
-    python -m bench.checkpoint [--smoke] [--model tiny|56M] [--world 1|2] [--dir D] [--out F]
+    python -m bench.checkpoint [--smoke] [--model tiny|56M] [--world 1|2] [--peer dcp]
+                               [--dir D] [--out F]
 
 On the same model state (a ZeRO-3 engine after 2 training steps) and the same disk, side by side
 in one run (this machine is shared and noisy; each figure is the median of --repeats), per rank:
@@ -13,6 +14,11 @@ in one run (this machine is shared and noisy; each figure is the median of --rep
 - memory: a plain copy of the same bytes into memory already mapped (what a snapshot cannot
   beat), each checksum algorithm over them in memory (`--hash` picks telepathy's), and the host
   memory the process holds during an asynchronous save (peak RSS above the level before it).
+- with `--peer dcp`, PyTorch Distributed Checkpoint on the same rank state, in the same repeats
+  right after telepathy's figures: dcp.save, dcp.async_save (stall and total) and dcp.load from a
+  cold page cache (how DCP is configured, and which state it saves: bench/dcp_peer.py); and
+  DCP's asynchronous save in the same throughput rounds as telepathy's (its stall right after
+  training steps, and its cost on throughput).
 Without --world/--model it runs tiny and 56M at world sizes 1 and 2 (torchrun, gloo on CPU).
 """
 
@@ -183,6 +189,91 @@ TARGETS = {  # issue 14: (comparison, bound)
     "async_stall_vs_memcpy": ("<=", 1.25),
     "checkpoint_overhead_on_throughput": ("<=", 0.035),
 }
+DCP_TARGETS = {  # issue 31, with --peer dcp: telepathy's time over DCP's
+    "telepathy_sync_save_vs_dcp": ("<=", 1.0),
+    "telepathy_async_stall_vs_dcp": ("<=", 1.0),
+    "telepathy_verified_load_vs_dcp": ("<=", 1.0),
+}
+
+
+def dcp_why(result: dict[str, Any]) -> dict[str, str]:
+    """Why a DCP target is missed, from the figures of the same run."""
+    s, q = result["seconds"], result["ratios"]
+    return {
+        "telepathy_sync_save_vs_dcp": (
+            f"until durable telepathy took {s['telepathy_sync_save_durable_s']:.3f} s against "
+            f"DCP's {s['dcp_save_s']:.3f} s for {result['dcp']['bytes_vs_telepathy']}x the bytes: "
+            f"DeepSpeed's save walk and the RNG state {s['sync_save_stall_s']:.3f} s, files "
+            f"written, hashed and fsynced {s['sync_save_write_s']:.3f} s (the raw write + fsync "
+            f"of the same bytes: {s['disk_write_fsync_s']:.3f} s)"),
+        "telepathy_async_stall_vs_dcp": (
+            f"telepathy's stall {s['telepathy_async_stall_s']:.3f} s (of it copies "
+            f"{s['telepathy_async_copy_s']:.3f} s; DeepSpeed's own save walk in a synchronous "
+            f"save {s['sync_save_stall_s']:.3f} s) against DCP's {s['dcp_async_stall_s']:.3f} s "
+            f"(a copy into its cached buffers, dcp_async_stall_vs_memcpy "
+            f"{q['dcp_async_stall_vs_memcpy']}): DCP copies the flat partitions directly, "
+            "telepathy runs DeepSpeed's save_checkpoint protocol on the blocking path; right "
+            f"after training steps the stalls are {s['telepathy_async_stall_after_steps_s']:.3f}"
+            f" s and {s['dcp_async_stall_after_steps_s']:.3f} s"),
+        "telepathy_verified_load_vs_dcp": (
+            f"verify {s['telepathy_verify_s']:.3f} s + load {s['telepathy_load_s']:.3f} s "
+            f"against DCP's unverified load {s['dcp_load_s']:.3f} s, both from a cold page cache"),
+    }
+
+
+def start_dcp(engine: Any, root: Path, dist: Any) -> Any:
+    """The DCP peer on this engine's state, after one asynchronous save that is not timed (it
+    allocates the staging buffers, as telepathy's first save allocates its snapshot buffers);
+    the bytes that save wrote, all ranks' files and its `.metadata`."""
+    from bench.dcp_peer import DcpPeer, tree_bytes
+
+    peer = DcpPeer(engine, root, dist.world_size)
+    path, _, wait = peer.async_save("warm-up")
+    wait()
+    dist.barrier()
+    peer.bytes = tree_bytes(path)
+    dist.barrier()
+    if dist.is_main:
+        shutil.rmtree(path)
+    return peer
+
+
+def dcp_figures(peer: Any, step: int, dist: Any, timed, times: dict[str, list[float]]) -> None:
+    """One repeat of DCP: save (until durable), asynchronous save (the stall, on the slowest
+    rank, and until durable), then load from a cold page cache into the same tensors."""
+    path = timed("dcp_save_s", lambda: peer.save(f"sync-{step}"))
+    stall = {}
+
+    def async_save() -> None:
+        done, stall["s"], wait = peer.async_save(f"async-{step}")
+        wait()
+        stall["path"] = done
+    timed("dcp_async_total_s", async_save)
+    times.setdefault("dcp_async_stall_s", []).append(max(dist.all_gather_object(stall["s"])))
+    drop_cache(path)  # as telepathy's load: from the disk
+    timed("dcp_load_s", lambda: peer.load(path))
+    if dist.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(stall["path"], ignore_errors=True)
+    dist.barrier()
+
+
+def dcp_ratios(med: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Telepathy's time over DCP's (below 1: telepathy ahead). The synchronous save until its
+    manifest is durable (DCP's returns once its `.metadata` is written; telepathy's call also
+    prunes older checkpoints afterwards: the whole call is the `_whole_call` ratio)."""
+    return {
+        "telepathy_sync_save_vs_dcp": (med["telepathy_sync_save_durable_s"], med["dcp_save_s"]),
+        "telepathy_sync_save_whole_call_vs_dcp": (med["telepathy_sync_save_s"],
+                                                  med["dcp_save_s"]),
+        "telepathy_async_stall_vs_dcp": (med["telepathy_async_stall_s"],
+                                         med["dcp_async_stall_s"]),
+        "telepathy_async_total_vs_dcp": (med["telepathy_async_total_s"],
+                                         med["dcp_async_total_s"]),
+        "telepathy_verified_load_vs_dcp": (med["telepathy_verify_s"] + med["telepathy_load_s"],
+                                           med["dcp_load_s"]),
+        "dcp_async_stall_vs_memcpy": (med["dcp_async_stall_s"], med["memcpy_mapped_s"]),
+    }
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +303,12 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             f"{result['throughput']['every_steps']} steps of {result['throughput']['step_s']:.3f} s"
             ": on 2 cores the background write and hashing take CPU from training"),
     }
+    if "telepathy_sync_save_vs_dcp" in q:
+        why.update(dcp_why(result))
     out = {}
-    for key, (op, bound) in TARGETS.items():
+    for key, (op, bound) in {**TARGETS, **DCP_TARGETS}.items():
+        if key not in q:
+            continue
         value = q[key]
         if value is None:  # a ratio without a denominator: neither met nor missed
             out[key] = {"value": None, "target": f"{op} {bound}", "met": None,
@@ -288,6 +383,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     if dist.is_main:
         shutil.rmtree(paths.checkpoint(10**6))
+    peer = start_dcp(engine, root, dist) if args.peer == "dcp" else None
     step = 0
     pairs: list[float] = []
     for _ in range(args.repeats):
@@ -336,6 +432,8 @@ def worker(args: argparse.Namespace) -> None:
         drop_cache(paths.checkpoints)  # a resume on another node reads from the disk
         found = timed("telepathy_verify_s", lambda: sync.newest_valid()[0])
         timed("telepathy_load_s", lambda: sync.load(engine, found))
+        if peer is not None:
+            dcp_figures(peer, step, dist, timed, times)
 
         engine.checkpoint_engine = ds_engine
         timed("deepspeed_save_s", lambda: engine.save_checkpoint(str(root / "ds"), tag=f"t{step}",
@@ -369,6 +467,11 @@ def worker(args: argparse.Namespace) -> None:
     overhead = throughput_overhead(train_step, engine, async_manager, dist,
                                    cfg.checkpoint.every_steps, step + 1)
     pool_bytes = max(dist.all_gather_object(async_manager._pinned.nbytes))
+    if peer is not None:
+        from bench.dcp_peer import AsManager
+        dcp_overhead = throughput_overhead(train_step, engine, AsManager(peer, dist.is_main), dist,
+                                           cfg.checkpoint.every_steps, step + 1 + ROUNDS)
+        peer.close()
     if dist.is_main:
         med = {k: statistics.median(v) for k, v in times.items()}
         hashes = {k.removeprefix("hash_").removesuffix("_GB_per_s"): med.pop(k)
@@ -414,7 +517,27 @@ def worker(args: argparse.Namespace) -> None:
             "sync_save_rss_extra_vs_rank_bytes": (sync_rss_extra, max(mine, 1)),
             "snapshot_buffers_vs_rank_bytes": (pool_bytes, max(mine, 1)),
         })
+        if peer is not None:
+            result["dcp"] = {**peer.describe, "bytes": peer.bytes,
+                             "bytes_vs_telepathy": round(peer.bytes / max(total, 1), 4),
+                             "throughput": dcp_overhead}
+            after_steps = {  # the stall right after training steps (rank 0), median of ROUNDS
+                "telepathy": statistics.median(overhead["save_stall_s"]),
+                "dcp": statistics.median(dcp_overhead["save_stall_s"])}
+            result["seconds"]["telepathy_async_stall_after_steps_s"] = seconds(
+                after_steps["telepathy"])
+            result["seconds"]["dcp_async_stall_after_steps_s"] = seconds(after_steps["dcp"])
+            measured, why_not = ratios({**dcp_ratios(med),
+                                        "telepathy_async_stall_after_steps_vs_dcp": (
+                                            after_steps["telepathy"], after_steps["dcp"])})
+            result["ratios"].update(measured)
+            result["not_measured"].update(why_not)
         result["ratios"]["checkpoint_overhead_on_throughput"] = overhead["overhead"]
+        if peer is not None:
+            result["ratios"]["dcp_checkpoint_overhead_on_throughput"] = dcp_overhead["overhead"]
+            if dcp_overhead["overhead"] is None:
+                result["not_measured"]["dcp_checkpoint_overhead_on_throughput"] = \
+                    dcp_overhead["why"]
         if overhead["overhead"] is None:
             result["not_measured"]["checkpoint_overhead_on_throughput"] = overhead["why"]
         result["targets"] = targets(result)
@@ -424,13 +547,14 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_case(model: str, world: int, repeats: int, base: Path,
-             hash_: str = "xxh3_128") -> dict[str, Any]:
+             hash_: str = "xxh3_128", peer: str | None = None) -> dict[str, Any]:
     from telepathy.core import proc
 
     work = Path(tempfile.mkdtemp(prefix=f"ckpt-{model}-w{world}-", dir=base))
     result = work / "result.json"
     cmd = ["-m", "bench.checkpoint", "--worker", "--model", model, "--repeats", str(repeats),
-           "--dir", str(work), "--result", str(result), "--hash", hash_]
+           "--dir", str(work), "--result", str(result), "--hash", hash_,
+           *(["--peer", peer] if peer else [])]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={world}", *cmd]
@@ -449,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(p, list(MODELS), repeats=3)
     p.add_argument("--hash", default="xxh3_128", help="telepathy's checksum (checkpoint.hash)")
+    p.add_argument("--peer", choices=["dcp"], help="also PyTorch Distributed Checkpoint on the "
+                   "same state, interleaved (bench/dcp_peer.py)")
     p.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where to write (the disk)")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -460,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     cases, repeats = cases_of(args, list(MODELS))
-    results = [run_case(m, w, repeats, base, args.hash) for m, w in cases]
+    results = [run_case(m, w, repeats, base, args.hash, args.peer) for m, w in cases]
     report = {"disk": str(base), "results": results}
     for r in results:
         s, g, q = r["seconds"], r["GB_per_s"], r["ratios"]
@@ -470,7 +596,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['telepathy_sync_save_s']:.3f}, async stall {s['telepathy_async_stall_s']:.3f} "
               f"total {s['telepathy_async_total_s']:.3f} | load: DeepSpeed "
               f"{s['deepspeed_load_s']:.3f}, verify {s['telepathy_verify_s']:.3f} + load "
-              f"{s['telepathy_load_s']:.3f} | ratios {q}", file=sys.stderr)
+              f"{s['telepathy_load_s']:.3f}" + (
+                  f" | DCP save {s['dcp_save_s']:.3f}, async stall {s['dcp_async_stall_s']:.3f} "
+                  f"total {s['dcp_async_total_s']:.3f}, load {s['dcp_load_s']:.3f}"
+                  if "dcp_save_s" in s else "") + f" | ratios {q}", file=sys.stderr)
     write_report(report, args.out)
     return 0
 

@@ -5,6 +5,13 @@
 
 Runs `python -m telepathy.resume` in a fresh run directory (as one process, or under torchrun
 with --nproc N) and summarises its metrics.jsonl and events.jsonl.
+
+    python -m bench.train_step --peer deepspeed [--smoke] [--model tiny|1.3M] [--world 1|2]
+                               [--steps 100] [--repeats 3] [--out F]
+
+With `--peer deepspeed`: the same model, batches, steps and checkpoint interval once through
+telepathy and once as the plain DeepSpeed loop a user would write (bench/bare_loop.py), fresh
+processes, interleaved (the order alternates by repeat); throughput end to end (bench/peer_step.py).
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ from telepathy.core.paths import RunPaths
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--peer", choices=["deepspeed"], help="against the bare DeepSpeed loop")
+    p.add_argument("--smoke", action="store_true", help="with --peer: tiny, world 1, one repeat")
+    p.add_argument("--model", choices=["tiny", "1.3M"], help="with --peer (default: 1.3M)")
+    p.add_argument("--world", type=int, choices=[1, 2], help="with --peer (default: 1 and 2)")
+    p.add_argument("--repeats", type=int, default=3, help="with --peer")
+    p.add_argument("--every-steps", type=int, default=50, help="with --peer: checkpoint interval")
+    p.add_argument("--config", help="the run's config (default with --peer: tiny-cpu.yaml)")
+    p.add_argument("--steps", type=int, default=None, help="default: 30 (with --peer: 100)")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default=None, help="JSON file to write (default: stdout only)")
@@ -36,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="then resume the finished run for this many more steps (--force), to time "
                         "the verified load of its last checkpoint")
     args = p.parse_args(argv)
+    if args.peer or args.smoke:
+        from bench.peer_step import run_peer
+        return run_peer(args)
+    if not args.config:
+        p.error("--config is required (or --peer deepspeed)")
+    args.steps = args.steps or 30
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="telepathy-bench-"))
     launcher = [sys.executable, "-m", "telepathy.resume"]
     if args.nproc > 1:
