@@ -44,12 +44,12 @@ def pytest_xdist_make_scheduler(config, log):
 # The longest units of tests/integration (`--durations`, 2026-12-04: 50-115 s each, a whole file
 # where it is one unit), handed out first, in this order, so that the suite does not end on one
 # of them while the other workers have nothing left.
-LONG_FIRST = ("tests/integration/test_real_text.py",
+LONG_FIRST = ("tests/integration/test_sft.py::test_world_two_resumes_exactly",
+              "tests/integration/test_real_text.py",
               "tests/integration/test_track.py::test_one_tracker_run",
               "tests/integration/test_launch_local.py::test_local_executor_time_limit",
               "tests/integration/test_interop.py",
               "tests/integration/test_finetune.py::test_lora_resumes_bit_for_bit_after_sigterm",
-              "tests/integration/test_sft.py::test_world_two_resumes_exactly",
               "tests/integration/test_sft.py::test_sigterm_during_an_evaluation",
               "tests/integration/test_never_hang.py::test_one_rank_out_of_memory",
               "tests/integration/test_resume.py::test_sigkill_at_each_point",

@@ -8,16 +8,17 @@ exported, and the export answers in the template. (Through SLURM: tests/slurm/te
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from telepathy.checkpoint.cli import main as checkpoint_main
 from telepathy.core.jsonl import read_jsonl
 from telepathy.core.paths import RunPaths
 from telepathy.data.examples import ExampleStream
 from telepathy.data.exfile import Examples
+from telepathy.export.cli import main as export_main
 from telepathy.train.steps import loss_sum
 from tests import support
 from tests.support import PACED, RNG, RTOL, SFT_CONFIG
@@ -105,7 +106,7 @@ def test_sigterm_during_an_evaluation_and_at_a_random_step_resume_exactly(
 
 
 def test_world_two_resumes_exactly_and_on_one_rank_within_rounding(sft_data, sft_reference,
-                                                                    tmp_path):
+                                                                    tmp_path, capsys):
     """World 2: SIGTERM at a random step, resume bit for bit; the same checkpoint resumed on
     one rank (2 -> 1): losses and eval_loss within 1e-5; the eval_loss of the uninterrupted runs
     at world 1 and 2 within 1e-5; the best exported as an adapter that peft loads."""
@@ -131,11 +132,9 @@ def test_world_two_resumes_exactly_and_on_one_rank_within_rounding(sft_data, sft
 
     best = min(want, key=want.get)
     out = tmp_path / "adapter"
-    done = subprocess.run([sys.executable, "-m", "telepathy.export", str(run_dir), "--out",
-                           str(out), "--best", "--adapter", "--json"], capture_output=True,
-                          text=True, cwd=support.ROOT)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["step"] == best
+    capsys.readouterr()
+    assert export_main([str(run_dir), "--out", str(out), "--best", "--adapter", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == best
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -144,7 +143,7 @@ def test_world_two_resumes_exactly_and_on_one_rank_within_rounding(sft_data, sft
 
 
 def test_the_best_checkpoint_survives_pruning_and_its_export_answers_in_the_template(
-        sft_data, tmp_path):
+        sft_data, tmp_path, capsys):
     """Evaluated on random tokens (training only makes that loss worse): the first evaluation
     stays the best while later, worse ones are pruned around it (keep 2); `checkpoint list`
     marks it; `export --best` writes it merged with the run's tokenizer; from_pretrained loads
@@ -167,15 +166,13 @@ def test_the_best_checkpoint_survives_pruning_and_its_export_answers_in_the_temp
 
     kept = complete_steps(paths.checkpoints)
     assert best in kept and kept[-2:] == [10, 15] and len(kept) == 3, kept
-    listed = subprocess.run([sys.executable, "-m", "telepathy.checkpoint", "list", str(run_dir),
-                             "--json"], capture_output=True, text=True, check=True)
-    assert [r["step"] for r in json.loads(listed.stdout) if r["best"]] == [best]
+    capsys.readouterr()
+    assert checkpoint_main(["list", str(run_dir), "--json"]) == 0
+    assert [r["step"] for r in json.loads(capsys.readouterr().out) if r["best"]] == [best]
 
     out = tmp_path / "best"
-    done = subprocess.run([sys.executable, "-m", "telepathy.export", str(run_dir), "--out",
-                           str(out), "--best", "--json"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["step"] == best
+    assert export_main([str(run_dir), "--out", str(out), "--best", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == best
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
