@@ -35,6 +35,28 @@ def eval_losses(run_dir):
     return {r["step"]: r["eval_loss"] for r in evals(run_dir)}
 
 
+def packed_rows_against_one_by_one(model, sft_data, rows):
+    """For the first `rows` rows of more than two examples: (the packed row's batch, its summed
+    loss, its examples' losses summed one by one as the padded mode computes them); the model's
+    weights sharpened first (the tiny bases attend almost uniformly)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)
+    examples = Examples(sft_data["train"])
+    packed = ExampleStream(examples, 128, seed=1, vocab_size=512)
+    padded = ExampleStream(examples, 128, seed=1, vocab_size=512, packing=False, shuffle=False)
+    chosen = [r for r in range(packed.rows_per_epoch) if len(packed.members(r)) > 2][:rows]
+    assert len(chosen) == rows
+    with torch.no_grad():
+        for row in chosen:
+            members = packed.members(row)
+            assert packed.loss_tokens(np.array([row])) == sum(
+                padded.loss_tokens(np.array([e])) for e in members)
+            batch = packed.inputs(np.array([row]))
+            yield batch, loss_sum(model, batch, CPU).item(), sum(
+                loss_sum(model, padded.inputs(np.array([e])), CPU).item() for e in members)
+
+
 def test_a_packed_row_has_the_loss_of_its_examples_run_one_by_one(sft_data):
     """Position ids restarting at each example keep the examples of a row apart (transformers'
     block-diagonal mask): the summed loss of a row equals its examples' losses one by one, as
@@ -42,26 +64,12 @@ def test_a_packed_row_has_the_loss_of_its_examples_run_one_by_one(sft_data):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(sft_data["base"]).eval()
-    with torch.no_grad():  # sharper attention than the tiny base's near-uniform one
-        for p in model.parameters():
-            p.mul_(4)
-    examples = Examples(sft_data["train"])
-    packed = ExampleStream(examples, 128, seed=1, vocab_size=512)
-    padded = ExampleStream(examples, 128, seed=1, vocab_size=512, packing=False, shuffle=False)
-    rows = [r for r in range(packed.rows_per_epoch) if len(packed.members(r)) > 2][:4]
-    assert len(rows) == 4
-    with torch.no_grad():
-        for row in rows:
-            members = packed.members(row)
-            batch = packed.inputs(np.array([row]))
-            together = loss_sum(model, batch, CPU).item()
-            alone = [loss_sum(model, padded.inputs(np.array([e])), CPU).item() for e in members]
-            assert together == pytest.approx(sum(alone), rel=RTOL)
-            assert packed.loss_tokens(np.array([row])) == sum(
-                padded.loss_tokens(np.array([e])) for e in members)
+    for batch, together, alone in packed_rows_against_one_by_one(model, sft_data, 4):
+        assert together == pytest.approx(alone, rel=RTOL)
+        with torch.no_grad():
             seeing = loss_sum(model, {k: v for k, v in batch.items() if k != "position_ids"},
                               CPU).item()
-            assert abs(seeing - together) > 10 * RTOL * abs(together)  # the check can fail
+        assert abs(seeing - together) > 10 * RTOL * abs(together)  # the check can fail
 
 
 def assert_each_evaluation_once_and_exact(run_dir, reference):
@@ -200,16 +208,5 @@ def test_every_arch_telepathy_builds_keeps_packed_examples_apart(sft_data, arch)
                                       "num_kv_heads": heads}, "data": {"seq_len": 128}})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config(cfg, torch.float32)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4)
-    examples = Examples(sft_data["train"])
-    packed = ExampleStream(examples, 128, seed=1, vocab_size=512)
-    padded = ExampleStream(examples, 128, seed=1, vocab_size=512, packing=False, shuffle=False)
-    rows = [r for r in range(packed.rows_per_epoch) if len(packed.members(r)) > 2][:2]
-    with torch.no_grad():
-        for row in rows:
-            together = loss_sum(model, packed.inputs(np.array([row])), CPU).item()
-            alone = sum(loss_sum(model, padded.inputs(np.array([e])), CPU).item()
-                        for e in packed.members(row))
-            assert together == pytest.approx(alone, rel=RTOL)
+    for _, together, alone in packed_rows_against_one_by_one(model, sft_data, 2):
+        assert together == pytest.approx(alone, rel=RTOL)
