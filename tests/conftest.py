@@ -259,3 +259,43 @@ def sft_reference(sft_data, tmp_path_factory, worker_id):
         return run_dir
 
     return get
+
+
+# -- a module of the user's own: examples/bridge on its toy models ---------------------------------
+@pytest.fixture(scope="session")
+def bridge_toy(tmp_path_factory, worker_id):
+    """examples/bridge/make_toy.py's two frozen models and pairs, made once per session."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    with FileLock(str(root / "bridge-toy.lock")):
+        if not (root / "bridge-toy.done").exists():
+            support.make_bridge_toy(root / "bridge-toy")
+            (root / "bridge-toy.done").touch()
+    return root / "bridge-toy"
+
+
+@pytest.fixture(scope="session")
+def bridge_reference(bridge_toy, tmp_path_factory, worker_id):
+    """The uninterrupted bridge run per world size (support.bridge_sets), its samples recorded,
+    made once per session."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+
+    def get(world: int):
+        run_dir = root / f"bridge-reference-w{world}" / "run"
+        with FileLock(str(root / f"bridge-reference-w{world}.lock")):
+            if not (root / f"bridge-reference-w{world}.done").exists():
+                rc = support.run(run_dir, world, support.bridge_sets(bridge_toy, run_dir.parent /
+                                                                     "samples"),
+                                 config=support.BRIDGE_CONFIG)
+                assert rc == 0, support.log_text(run_dir)
+                (root / f"bridge-reference-w{world}.done").touch()
+        return run_dir
+
+    return get

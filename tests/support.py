@@ -306,3 +306,67 @@ def sft_sets(data: dict[str, Path], *more: str) -> list[str]:
     return [f"data.path={data['train']}", f"eval.path={data['val']}", "eval.every_steps=4",
             f"model.pretrained_path={data['base']}", "model.lora.r=8", "train.steps=24",
             "train.warmup_steps=3", "checkpoint.every_steps=8", "train.log_every=4", *more]
+
+
+# -- a module of the user's own ------------------------------------------------------------------
+BRIDGE_CONFIG = str(ROOT / "examples" / "bridge" / "bridge-cpu.yaml")
+MODULES = ROOT / "tests" / "modules"
+
+
+def make_bridge_toy(root: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "examples" / "bridge"))
+    try:
+        import make_toy
+    finally:
+        sys.path.remove(str(ROOT / "examples" / "bridge"))
+    make_toy.make(root, pairs=256)
+    return root
+
+
+def bridge_sets(toy: Path, record: Path | None = None, *more: str) -> list[str]:
+    """The bridge on the toy models of `toy`, 16 steps saved every 4; with `record`, the sample
+    indices each forward receives written under it (tests/modules/recording.py)."""
+    toy = Path(toy)
+    sets = [f"model.options.source={toy / 'source'}", f"model.options.target={toy / 'target'}",
+            f"model.base_paths=[{toy / 'source'}, {toy / 'target'}]",
+            f"data.options.path={toy / 'pairs.jsonl'}", f"data.options.source={toy / 'source'}",
+            f"data.options.target={toy / 'target'}", "train.steps=16", "train.warmup_steps=3",
+            "checkpoint.every_steps=4", "train.log_every=4"]
+    if record is not None:
+        sets += [f"code_path=[{ROOT / 'examples' / 'bridge'}, {MODULES}]",
+                 "model.module=recording:bridge", f"model.options.record={record}"]
+    return [*sets, *more]
+
+
+def bridge_code():
+    """examples/bridge's bridge_model and bridge_data modules."""
+    sys.path.insert(0, str(ROOT / "examples" / "bridge"))
+    try:
+        import bridge_data
+        import bridge_model
+    finally:
+        sys.path.remove(str(ROOT / "examples" / "bridge"))
+    return bridge_model, bridge_data
+
+
+def bridge_module(toy: Path, trained: dict):
+    """The example's Bridge on the toy models of `toy`, the tensors `trained` loaded."""
+    bridge_model, _ = bridge_code()
+    model = bridge_model.build({"source": str(toy / "source"), "target": str(toy / "target"),
+                                "soft_tokens": 4, "heads": 4})
+    missing = set(trained) - set(dict(model.named_parameters()))
+    assert not missing, missing
+    model.load_state_dict(trained, strict=False)
+    return model
+
+
+def bridge_batch(toy: Path, indices) -> dict:
+    """Samples `indices` of the example's dataset on `toy`, stacked."""
+    import torch
+
+    _, bridge_data = bridge_code()
+    data = bridge_data.pairs({"path": str(toy / "pairs.jsonl"), "source": str(toy / "source"),
+                              "target": str(toy / "target"), "source_len": 24,
+                              "target_len": 24})
+    items = [data[i] for i in indices]
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}

@@ -39,23 +39,63 @@ def fingerprint(base: Path) -> dict[str, Any]:
     return {f.name: e for f, e in zip(files, entries)}
 
 
+def bases(cfg: Config) -> list[Path]:
+    """The directories of the run's frozen pretrained weights: model.pretrained_path, or
+    model.base_paths of a model.module (a file may stand for a directory)."""
+    if cfg.model.pretrained_path:
+        return [Path(cfg.model.pretrained_path)]
+    return [Path(p) for p in cfg.model.base_paths or ()]
+
+
+def key_of(cfg: Config) -> str:
+    return "model.pretrained_path" if cfg.model.pretrained_path else "model.base_paths"
+
+
+def recorded_bases(paths: RunPaths) -> list[dict[str, Any]] | None:
+    """What the run recorded: [{path, files}] (a single base's file as a list of one)."""
+    if not paths.base_model.is_file():
+        return None
+    recorded = json.loads(paths.base_model.read_text())
+    return recorded.get("bases", [recorded])
+
+
+def fingerprint_of(base: Path, key: str) -> dict[str, Any]:
+    if base.is_file():
+        return {base.name: hash_file(base)}
+    if not base.is_dir():
+        raise ResumeRefused(f"{key}: {str(base)!r} does not exist; the run's frozen weights are "
+                            "read from it: restore it, or fix the path")
+    return fingerprint(base)
+
+
+def changes(cfg: Config, recorded: list[dict[str, Any]]) -> list[str]:
+    """What differs between the bases now and as recorded: "DIR/FILE (how)" each."""
+    now = bases(cfg)
+    if len(now) != len(recorded):
+        return [f"{len(recorded)} base directories recorded, {len(now)} now"]
+    found = []
+    for base, before in zip(now, recorded):
+        files = fingerprint_of(base, key_of(cfg))
+        found += [f"{base / n} ({_how(before['files'].get(n), files.get(n))})"
+                  for n in sorted(set(before["files"]) | set(files))
+                  if before["files"].get(n) != files.get(n)]
+    return found
+
+
 def check(cfg: Config, paths: RunPaths) -> None:
-    """Refuse (ResumeRefused: exit 2) a start whose base differs from the one the run recorded;
+    """Refuse (ResumeRefused: exit 2) a start whose bases differ from those the run recorded;
     reads only."""
-    recorded = json.loads(paths.base_model.read_text()) if paths.base_model.is_file() else None
-    if not cfg.model.pretrained_path or recorded is None:
+    recorded = recorded_bases(paths)
+    if not bases(cfg) or recorded is None:
         return
-    base = Path(cfg.model.pretrained_path)
-    now = fingerprint(base)
-    before = recorded["files"]
-    changed = [n for n in sorted(set(before) | set(now)) if before.get(n) != now.get(n)]
+    changed = changes(cfg, recorded)
     if changed:
-        what = "; ".join(f"{n} ({_how(before.get(n), now.get(n))})" for n in changed[:5])
+        key = key_of(cfg)
         raise ResumeRefused(
-            f"the base model at model.pretrained_path={str(base)!r} changed since this run "
-            f"recorded it ({paths.base_model.name}): {what}. The run's checkpoints hold only what "
-            "trains, so it must resume on the same base: restore those files, or start a new run "
-            "directory for the new base")
+            f"the frozen weights of {key}={[str(b) for b in bases(cfg)]} changed since this run "
+            f"recorded them ({paths.base_model.name}): {'; '.join(changed[:5])}. The run's "
+            "checkpoints hold only what trains, so it must resume on the same weights: restore "
+            "those files, or start a new run directory for the new ones")
 
 
 def _how(before: dict | None, now: dict | None) -> str:
@@ -70,9 +110,14 @@ def _how(before: dict | None, now: dict | None) -> str:
 
 def record(cfg: Config, paths: RunPaths) -> None:
     """At the first start of a run on a base (rank 0, under the run lock): its checksums."""
-    if not cfg.model.pretrained_path or paths.base_model.is_file():
+    if not bases(cfg) or paths.base_model.is_file():
         return
-    base = Path(cfg.model.pretrained_path)
-    write_json_atomic(paths.base_model, {"path": str(base.absolute()),
-                                         "files": fingerprint(base)})
+    if cfg.model.pretrained_path:  # the layout of runs before model.base_paths existed
+        base = Path(cfg.model.pretrained_path)
+        write_json_atomic(paths.base_model, {"path": str(base.absolute()),
+                                             "files": fingerprint(base)})
+    else:
+        write_json_atomic(paths.base_model, {"bases": [
+            {"path": str(b.absolute()), "files": fingerprint_of(b, key_of(cfg))}
+            for b in bases(cfg)]})
     log.info("recorded the checksums of the base model's files in %s", paths.base_model)

@@ -33,6 +33,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is type(None):
         if value is None:
             return None
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
     elif origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, list):
@@ -105,6 +108,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if isinstance(tree, dict) and not tree.get("code_path"):
+        tree["code_path"] = [str(path.parent.absolute())]
     try:
         return config_from_dict(tree, overrides)
     except ConfigError as exc:

@@ -26,6 +26,15 @@ def _require(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
 
+def check_reference(ref: str, key: str) -> None:
+    """A reference to user code: "PKG.MOD:FUNC", both parts dotted Python names."""
+    mod, sep, func = ref.partition(":")
+    ok = bool(sep) and all(part.isidentifier() for part in mod.split(".")) and \
+        all(part.isidentifier() for part in func.split("."))
+    _require(ok, key, ref, 'write it as "PKG.MODULE:FUNCTION" (e.g. "my_bridge:build", found '
+             "in the config file's directory or the working directory)")
+
+
 @dataclass
 class LoraConfig:
     r: int = 0
@@ -81,8 +90,35 @@ class ModelConfig:
     """Training precision: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    module: str | None = None
+    """A model of your own code, "PKG.MOD:FUNC": FUNC(model.options) returns a torch.nn.Module
+    whose forward(**batch) returns a scalar loss or an object with .loss (a Hugging Face model's
+    output). Imported on every rank under train.seed, with the config file's directory and the
+    working directory on sys.path. Its parameters with requires_grad=False are frozen;
+    model.trainable applies to its parameter names. The model fields above then describe only
+    the activations for the planner (set them to the module's largest transformer)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Any mapping, handed to model.module's FUNC as it is."""
+    base_paths: list[str] | None = None
+    """With model.module: the directories its frozen pretrained weights are read from. Their
+    files are checksummed at the first start and verified at every start (a change is refused),
+    and checkpoints then hold only what trains. None: frozen parameters are saved as well."""
 
     def __post_init__(self) -> None:
+        if self.module is not None:
+            check_reference(self.module, "model.module")
+            _require(self.pretrained_path is None, "model.pretrained_path", self.pretrained_path,
+                     "a run of model.module builds its own model: load pretrained weights in "
+                     "its FUNC, and list their directories in model.base_paths")
+            _require(not self.gradient_checkpointing, "model.gradient_checkpointing", True,
+                     "a module of your own recomputes where it chooses: call "
+                     "gradient_checkpointing_enable() on its Hugging Face parts in its FUNC")
+            _require(self.lora.r == 0, "model.lora.r", self.lora.r, "LoRA on model.module is "
+                     "the module's own: add it with peft in its FUNC (get_peft_model), or set "
+                     "model.lora.r to 0")
+        _require(self.base_paths is None or (self.module is not None and len(self.base_paths) >= 1),
+                 "model.base_paths", self.base_paths, "list the directories model.module's "
+                 "frozen weights come from (it needs model.module), or leave it null")
         _require(self.arch in ARCHS, "model.arch", self.arch,
                  f"telepathy builds {', '.join(ARCHS)} from scratch; for any other causal LM "
                  "set model.pretrained_path to a local directory of it")
@@ -116,6 +152,13 @@ class DataConfig:
     """Tokens per training sample (each sample reads seq_len + 1 tokens)."""
     seed: int = 1234
     """Seed of the per-epoch sample permutation (and of the synthetic corpus)."""
+    module: str | None = None
+    """A dataset of your own code, "PKG.MOD:FUNC": FUNC(data.options) returns a map-style
+    dataset (__len__, __getitem__(i) -> a dict of tensors of fixed shapes; an optional
+    collate(list of items) -> batch). telepathy keeps the order: a seeded permutation of the
+    indices per epoch (data.seed), the position in every checkpoint. Instead of data.path."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Any mapping, handed to data.module's FUNC as it is."""
     packing: bool = True
     """For a file of examples (`telepathy data prepare --format chat|prompt-completion`): pack
     several examples into each row of seq_len tokens, none attending to another (position ids
@@ -125,7 +168,11 @@ class DataConfig:
         _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be a positive integer")
         _require(self.dtype in TOKEN_DTYPES, "data.dtype", self.dtype,
                  f"use one of {', '.join(TOKEN_DTYPES)}")
-        if self.path is None:
+        if self.module is not None:
+            check_reference(self.module, "data.module")
+            _require(self.path is None, "data.path", self.path, "data.module reads its own "
+                     "data: set one of data.path and data.module")
+        elif self.path is None:
             _require(self.synthetic_tokens > self.seq_len, "data.synthetic_tokens",
                      self.synthetic_tokens,
                      "set data.path to a pre-tokenized file, or data.synthetic_tokens to more than "
@@ -429,8 +476,18 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    code_path: list[str] = field(default_factory=list)
+    """Directories searched first for model.module and data.module (the working directory
+    follows them). Empty: the config file's directory, filled in when the file is read."""
 
     def __post_init__(self) -> None:
+        _require(self.data.module is None or self.model.module is not None, "data.module",
+                 self.data.module, "a dataset of your own feeds a model of your own: set "
+                 "model.module too (a Hugging Face causal LM reads data.path)")
+        _require(self.data.module is None or self.eval.path is None, "eval.path",
+                 self.eval.path, "an evaluation reads a prepared file into the model, and "
+                 "data.module's samples are of another kind: leave eval.path unset with "
+                 "data.module (a held-out dataset module is not supported yet)")
         _require(not self.checkpoint.keep_best or self.eval.enabled, "checkpoint.keep_best",
                  self.checkpoint.keep_best, "the best checkpoint is chosen by eval_loss: set "
                  "eval.path and eval.every_steps > 0, or keep_best to false")

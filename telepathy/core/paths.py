@@ -83,6 +83,12 @@ class RunPaths:
         return self.root / "base-model.json"
 
     @property
+    def module_shape(self) -> Path:
+        """model.module's parameters as counted at a start (JSON: parameters, trainable), for
+        the planner where the module cannot be built on the meta device."""
+        return self.root / "module-shape.json"
+
+    @property
     def lock(self) -> Path:
         return self.root / "run.lock"
 

@@ -66,23 +66,14 @@ def open_tokens(path: str | Path, dtype: str) -> np.ndarray:
     return tokens
 
 
-class TokenStream:
-    """`shuffle` off reads the windows in file order (an evaluation); `limit` > 0 keeps the
-    first `limit` windows only."""
+class Order:
+    """The endless sequence of `num_samples` sample ids, epoch after epoch, each epoch in a
+    permutation seeded by (seed, epoch); `shuffle` off: in index order (an evaluation)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, vocab_size: int,
-                 shuffle: bool = True, limit: int = 0):
-        self.tokens = tokens
-        self.seq_len = seq_len
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
         self.seed = seed
-        self.vocab_size = vocab_size
         self.shuffle = shuffle
-        self.num_samples = (len(tokens) - 1) // seq_len
-        if limit > 0:
-            self.num_samples = min(self.num_samples, limit)
-        if self.num_samples < 1:
-            raise DataError(f"the data holds {len(tokens)} tokens, fewer than one sample of "
-                            f"data.seq_len + 1 = {seq_len + 1}; use more data or a smaller seq_len")
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
@@ -106,6 +97,28 @@ class TokenStream:
             out[i] = self._permutation(pos.epoch)[pos.offset]
         return out
 
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.num_samples
+
+
+class TokenStream(Order):
+    """`shuffle` off reads the windows in file order (an evaluation); `limit` > 0 keeps the
+    first `limit` windows only."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, vocab_size: int,
+                 shuffle: bool = True, limit: int = 0):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        num_samples = (len(tokens) - 1) // seq_len
+        if limit > 0:
+            num_samples = min(num_samples, limit)
+        if num_samples < 1:
+            raise DataError(f"the data holds {len(tokens)} tokens, fewer than one sample of "
+                            f"data.seq_len + 1 = {seq_len + 1}; use more data or a smaller seq_len")
+        super().__init__(num_samples, seed, shuffle)
+
     def batch(self, sample_ids: np.ndarray) -> np.ndarray:
         """A (len(sample_ids), seq_len + 1) int64 array of tokens."""
         rows = [np.asarray(self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1])
@@ -116,10 +129,6 @@ class TokenStream:
                             f"{self.vocab_size}; tokenize with the model's vocabulary or raise "
                             "model.vocab_size")
         return batch
-
-    @property
-    def rows_per_epoch(self) -> int:
-        return self.num_samples
 
     def inputs(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
         """input_ids and labels (the next tokens), each (len(sample_ids), seq_len) int64."""

@@ -109,15 +109,19 @@ def import_libraries():
     return deepspeed, AutoModelForCausalLM, HfDeepSpeedConfig
 
 
-def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
-                 load_universal: bool = False):
-    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
-    deepspeed, AutoModelForCausalLM, HfDeepSpeedConfig = import_libraries()
+def make_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model as it trains, built while HfDeepSpeedConfig is alive (ZeRO-3 partitions what
+    transformers loads as it loads it): model.module's, or a causal LM from model.pretrained_path
+    or the model fields, with LoRA and the frozen parameters as configured."""
+    from transformers import AutoModelForCausalLM
 
-    dtype = precision(cfg, cuda)
-    conf = ds_config(cfg, layout, dtype, offload if cuda else "none", load_universal)
-    hf_ds = HfDeepSpeedConfig(conf)  # must stay alive while the model is built: enables zero.Init
     torch.manual_seed(cfg.train.seed)
+    if cfg.model.module:
+        from .usercode import build_module
+
+        model = build_module(cfg)
+        finetune.freeze(model, cfg.model.trainable, lora=False)
+        return finetune.check_trains(model, f"model.module={cfg.model.module!r}")
     if cfg.model.pretrained_path:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained_path, dtype=dtype,
                                                      local_files_only=True)
@@ -129,7 +133,21 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
     model = finetune.prepare(model, cfg)
     if cfg.model.gradient_checkpointing and finetune.fine_tuning(cfg):
         model.enable_input_require_grads()  # a frozen embedding: recompute still needs a grad path
+    # from_pretrained hands the model over in eval mode: train in training mode, as transformers'
+    # Trainer does (dropout on, gradient checkpointing in effect); evaluations restore it. A
+    # module of the user's keeps the modes its FUNC gave its parts.
+    return model.train()
 
+
+def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
+                 load_universal: bool = False):
+    """Model + AdamW + LambdaLR schedule wrapped in a ZeRO-3 engine."""
+    deepspeed, _, HfDeepSpeedConfig = import_libraries()
+
+    dtype = precision(cfg, cuda)
+    conf = ds_config(cfg, layout, dtype, offload if cuda else "none", load_universal)
+    hf_ds = HfDeepSpeedConfig(conf)  # must stay alive while the model is built: enables zero.Init
+    model = make_model(cfg, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     conf["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size(
         sum(adapter.full_shape(p).numel() for p in trainable))
@@ -146,9 +164,6 @@ def build_engine(cfg: Config, layout: Layout, cuda: bool, offload: str = "none",
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=conf)
     del hf_ds
-    # from_pretrained hands the model over in eval mode: train in training mode, as transformers'
-    # Trainer does (dropout on, gradient checkpointing in effect); evaluations restore it.
-    engine.train()
     return engine
 
 

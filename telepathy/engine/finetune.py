@@ -96,6 +96,15 @@ def freeze(model: Any, patterns: list[str] | None, lora: bool) -> None:
                              any(fnmatch.fnmatchcase(name, g) for g in patterns))
 
 
+def check_trains(model: Any, what: str) -> Any:
+    """The model, if any of its parameters trains."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{what}: every parameter is frozen (requires_grad=False), so nothing "
+                          "would train; leave the trained part unfrozen, or name it in "
+                          "model.trainable")
+    return model
+
+
 def prepare(model: Any, cfg: Config) -> Any:
     """The model as it trains: LoRA added (model.lora.r > 0), parameters frozen as configured."""
     lora = cfg.model.lora.r > 0

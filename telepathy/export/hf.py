@@ -163,7 +163,14 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
         if adapter_only and cfg.model.lora.r == 0:
             raise TelepathyError(f"--adapter: run {paths.root} trains no LoRA adapter "
                                  "(model.lora.r is 0); export it without --adapter")
-        if finetune.fine_tuning(cfg):
+        if cfg.model.module is not None:
+            if adapter_only:
+                raise TelepathyError("--adapter: a run of model.module has no peft adapter of "
+                                     "telepathy's; export it without --adapter")
+            from .module import write_module
+
+            result = write_module(tmp, ckpt, state, paths)
+        elif finetune.fine_tuning(cfg):
             result = _write_finetuned(tmp, ckpt, state, DTYPES[dtype], shard_bytes,
                                       paths.tokenizer, adapter_only)
         else:

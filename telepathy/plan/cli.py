@@ -80,7 +80,7 @@ def options(cfg: Config, run_dir: Path | None, gpu_mem_gib: float, max_nodes: in
     """Every node count 1..max_nodes times 1-4 GPUs per node."""
     measured = measured_step_times(read_jsonl(RunPaths.at(run_dir).metrics)) if run_dir else {}
     out = []
-    shape = model_shape(cfg, count=True)
+    shape = model_shape(cfg, count=True, run_dir=run_dir)
     for nodes in range(1, max_nodes + 1):
         for gpus in range(1, MAX_GPUS + 1):
             req = request_for(cfg, nodes * gpus, gpu_mem_gib, shape)

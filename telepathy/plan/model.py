@@ -45,13 +45,17 @@ def limits(cfg: Config) -> tuple[int, int | None]:
     return shape_of(cfg, hf).vocab, positions
 
 
-def model_shape(cfg: Config, count: bool) -> ModelShape:
+def model_shape(cfg: Config, count: bool, run_dir: Path | None = None) -> ModelShape:
     """The shape of the run's model; `count`: parameters (all, trainable) counted from the
     model itself, needed to check memory (a few seconds: transformers is imported), not for
     the layout alone. Counting is skipped where the formula is exact (a Llama-family model
-    built from scratch, every parameter trained)."""
+    built from scratch, every parameter trained). A model.module is counted on the meta
+    device, else as a start of the run in `run_dir` measured it (module_counts)."""
     hf = pretrained_config(cfg)
     from ..engine import finetune
+
+    if cfg.model.module is not None:
+        return shape_of(cfg, None, *(module_counts(cfg, run_dir) if count else (None, None)))
 
     if not count or (hf is None and cfg.model.arch in LLAMA_FORMULA
                      and not finetune.fine_tuning(cfg)):
@@ -69,3 +73,19 @@ def _transformers_config(cfg: Config):
     if cfg.model.pretrained_path:
         return AutoConfig.from_pretrained(cfg.model.pretrained_path, local_files_only=True)
     return model_config(cfg, torch.float32)
+
+
+def module_counts(cfg: Config, run_dir: Path | None) -> tuple[int | None, int | None]:
+    """(all, trainable) parameters of model.module: built on the meta device, or as recorded
+    at a start of the run (RUN_DIR/module-shape.json); (None, None) when neither can tell."""
+    from ..core.paths import RunPaths
+    from ..engine.usercode import build_on_meta
+
+    built = build_on_meta(cfg)
+    if built.module is not None:
+        return built.total, built.trainable
+    record = RunPaths.at(run_dir).module_shape if run_dir else None
+    if record is not None and record.is_file():
+        counts = json.loads(record.read_text())
+        return counts["parameters"], counts["trainable"]
+    return None, None

@@ -27,7 +27,7 @@ import torch
 
 from ..testing.faults import FaultPlan
 from .protocols import Flag
-from .steps import loss_sum
+from .steps import Objective
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,10 @@ def batches_of(rows: int, rank: int, world: int, micro: int) -> list[np.ndarray]
 
 
 class Evaluator:
-    def __init__(self, stream: Any, dist: Any, micro_batch: int, faults: FaultPlan = FaultPlan()):
+    def __init__(self, stream: Any, dist: Any, micro_batch: int, faults: FaultPlan = FaultPlan(),
+                 objective: Objective = Objective()):
         self.stream = stream
+        self.objective = objective
         self.dist = dist
         self.micro_batch = micro_batch
         self.faults = faults
@@ -81,9 +83,12 @@ class Evaluator:
                     return None
                 ids = batch if batch.size else np.zeros(1, dtype=np.int64)
                 with torch.no_grad():
-                    summed = loss_sum(model, self.stream.inputs(ids), self.dist.device)
+                    summed = self.objective(model, self.stream.inputs(ids), self.dist.device)
                 progress()
-                if batch.size:
+                if batch.size and self.objective.mean:  # a mean over its rows: weighed by them
+                    total += summed.double().cpu() * batch.size
+                    counted += batch.size
+                elif batch.size:
                     total += summed.double().cpu()
                     counted += self.stream.loss_tokens(batch)
         finally:

@@ -6,17 +6,22 @@ and no signal is lost."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..config.schema import Config
 from ..core.errors import DataError, TelepathyError
 from ..data import sidecar
+from ..data.examples import ExampleStream
 from ..data.exfile import Examples, is_examples_file
-from ..data.stream import open_tokens
+from ..data.stream import TokenStream, open_tokens
 from ..plan.model import limits, model_shape
 from ..plan.placement import Plan, plan, request_for
 from ..slurm.env import DistEnv
+
+log = logging.getLogger("telepathy.train.phases")
 
 
 def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
@@ -33,6 +38,8 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
                              f"positions of model.pretrained_path={cfg.model.pretrained_path!r} "
                              f"(its config.json); set data.seq_len to at most {positions}")
     meta = None
+    if cfg.model.module is not None:
+        check_module(cfg)
     if cfg.data.path is not None:
         check_readable(cfg.data.path, cfg.data.dtype, "data.path")
         meta = file_meta(cfg.data.path)
@@ -45,6 +52,43 @@ def check_inputs(cfg: Config, env: DistEnv) -> dict | None:
     make_plan(cfg, env.world_size, gpu_mem_gib=None)
     check_trackers(cfg)
     return meta
+
+
+def check_module(cfg: Config) -> None:
+    """model.module builds on the meta device (or says why it cannot there), data.module's
+    samples are dicts of tensors of one shape, and the module's forward takes a batch of them
+    and returns a loss (where it runs on the meta device); the bases exist."""
+    import torch
+
+    from ..engine.usercode import build_on_meta, check_forward
+    from .steps import causal_labels, tensors
+
+    for base in cfg.model.base_paths or ():
+        if not Path(base).exists():
+            raise DataError(f"model.base_paths: {base!r} does not exist; list the directories "
+                            "model.module's frozen weights are read from")
+    built = build_on_meta(cfg)
+    if built.module is None:
+        return
+    if cfg.data.module is not None:
+        stream = data_module_stream(cfg)
+        stream.check()
+        batch = stream.inputs(stream.sample_ids(0, min(2, stream.num_samples)))
+    else:
+        vocab = limits(cfg)[0]
+        stream = open_stream(cfg, cfg.data.path, vocab, None) if cfg.data.path else None
+        if stream is None:
+            return
+        batch = stream.inputs(stream.sample_ids(0, 1))
+        batch["labels"] = causal_labels(batch["labels"])
+    check_forward(built.module, tensors(batch, torch.device("cpu")), cfg.model.module)
+
+
+def data_module_stream(cfg: Config):
+    from ..data.userdata import DatasetStream
+    from ..engine.usercode import build_dataset
+
+    return DatasetStream(build_dataset(cfg), cfg.data.module, cfg.data.seed)
 
 
 def file_meta(path: str) -> dict | None:
@@ -134,9 +178,35 @@ def check_trackers(cfg: Config) -> None:
 
 
 def make_plan(cfg: Config, world_size: int, gpu_mem_gib: float | None,
-              max_micro: int | None = None) -> Plan:
+              max_micro: int | None = None, run_dir: Path | None = None) -> Plan:
     """The placement of this run on `world_size` ranks (memory unchecked when None), its
-    micro-batch at most `max_micro` (carried after an out-of-memory error)."""
-    shape = model_shape(cfg, count=gpu_mem_gib is not None)
+    micro-batch at most `max_micro` (carried after an out-of-memory error); `run_dir`: where a
+    model.module's measured counts may be recorded."""
+    shape = model_shape(cfg, count=gpu_mem_gib is not None, run_dir=run_dir)
     request = request_for(cfg, world_size, gpu_mem_gib, shape)
     return plan(dataclasses.replace(request, max_micro=max_micro) if max_micro else request)
+
+
+def open_stream(cfg: Config, path: str | Path, vocab: int, meta: dict | None,
+                evaluation: bool = False) -> Any:
+    """A token file read in windows, or a file of examples read in rows; for an evaluation
+    in file order, its first eval.max_examples."""
+    limit = cfg.eval.max_examples if evaluation else 0
+    if is_examples_file(path):
+        pad = (meta or {}).get("pad_token_id")
+        stream = ExampleStream(Examples(path), cfg.data.seq_len, cfg.data.seed, vocab,
+                               cfg.data.packing, 0 if pad is None else int(pad),
+                               shuffle=not evaluation, limit=limit)
+        if stream.truncated:
+            lost = int(stream.examples.loss_tokens[:stream.num_examples].sum() - stream.counts.sum())
+            log.warning("%s: %d of %d examples are longer than data.seq_len=%d and are cut to it "
+                        "(%d of their loss tokens lost); prepare with --max-len %d to see which",
+                        path, stream.truncated, stream.num_examples, cfg.data.seq_len, lost,
+                        cfg.data.seq_len)
+        if not stream.counts.any():
+            raise DataError(f"{path}: no token of its examples counts in the loss within "
+                            f"data.seq_len={cfg.data.seq_len}; raise data.seq_len or prepare "
+                            "examples whose answers fit")
+        return stream
+    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed, vocab,
+                       shuffle=not evaluation, limit=limit)

@@ -29,7 +29,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.universal import CONVERT_TIMEOUT_S, universal_checkpoint
 from ..config import Config
 from ..config.trajectory import trajectory_changes
-from ..core.errors import DataError, ResumeRefused, RunLocked
+from ..core.errors import ResumeRefused, RunLocked
 from ..core.eventlog import EventLog
 from ..core.events import Event, Stamp, is_train_row, launches, of_kind
 from ..core.fsutil import write_json_atomic
@@ -37,9 +37,7 @@ from ..core.jsonl import JsonlWriter, NullWriter, read_jsonl
 from ..core.paths import RunPaths
 from ..core.proc import CommandError
 from ..core.runlock import RunLock
-from ..data.examples import ExampleStream
-from ..data.exfile import Examples, is_examples_file
-from ..data.stream import TokenStream, generate_corpus, open_tokens, write_corpus
+from ..data.stream import generate_corpus, write_corpus
 from ..engine import adapter, distributed
 from ..engine.distributed import Dist
 from ..plan.memory import GiB
@@ -427,7 +425,11 @@ def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths
 # -- data, engine, and where to start ------------------------------------------------------------
 def token_stream(cfg: Config, paths: RunPaths, dist: Dist, data: dict | None = None) -> Any:
     """The run's data: data.path (a token file, or a file of examples: rows of packed
-    examples), or a synthetic corpus made once in the run directory."""
+    examples), data.module's dataset, or a synthetic corpus made once in the run directory."""
+    if cfg.data.module is not None:
+        from .inputs import data_module_stream
+
+        return data_module_stream(cfg)
     path = cfg.data.path
     vocab = limits(cfg)[0]  # a pretrained model's own vocabulary, else model.vocab_size
     if path is None:
@@ -438,32 +440,9 @@ def token_stream(cfg: Config, paths: RunPaths, dist: Dist, data: dict | None = N
                                                  cfg.data.seed))
         dist.barrier()
         path = corpus
+    from .inputs import open_stream
+
     return open_stream(cfg, path, vocab, data)
-
-
-def open_stream(cfg: Config, path: str | Path, vocab: int, meta: dict | None,
-                evaluation: bool = False) -> Any:
-    """A token file read in windows, or a file of examples read in rows; for an evaluation
-    in file order, its first eval.max_examples."""
-    limit = cfg.eval.max_examples if evaluation else 0
-    if is_examples_file(path):
-        pad = (meta or {}).get("pad_token_id")
-        stream = ExampleStream(Examples(path), cfg.data.seq_len, cfg.data.seed, vocab,
-                               cfg.data.packing, 0 if pad is None else int(pad),
-                               shuffle=not evaluation, limit=limit)
-        if stream.truncated:
-            lost = int(stream.examples.loss_tokens[:stream.num_examples].sum() - stream.counts.sum())
-            log.warning("%s: %d of %d examples are longer than data.seq_len=%d and are cut to it "
-                        "(%d of their loss tokens lost); prepare with --max-len %d to see which",
-                        path, stream.truncated, stream.num_examples, cfg.data.seq_len, lost,
-                        cfg.data.seq_len)
-        if not stream.counts.any():
-            raise DataError(f"{path}: no token of its examples counts in the loss within "
-                            f"data.seq_len={cfg.data.seq_len}; raise data.seq_len or prepare "
-                            "examples whose answers fit")
-        return stream
-    return TokenStream(open_tokens(path, cfg.data.dtype), cfg.data.seq_len, cfg.data.seed, vocab,
-                       shuffle=not evaluation, limit=limit)
 
 
 def evaluator(cfg: Config, dist: Dist, micro_batch: int, faults: Any) -> Any:
@@ -471,11 +450,12 @@ def evaluator(cfg: Config, dist: Dist, micro_batch: int, faults: Any) -> Any:
     if cfg.eval.path is None:
         return None
     from .evaluate import Evaluator
-    from .inputs import file_meta
+    from .inputs import file_meta, open_stream
+    from .steps import objective_of
 
     stream = open_stream(cfg, cfg.eval.path, limits(cfg)[0], file_meta(cfg.eval.path),
                          evaluation=True)
-    return Evaluator(stream, dist, micro_batch, faults)
+    return Evaluator(stream, dist, micro_batch, faults, objective_of(cfg, stream))
 
 
 SOURCE_STAMP = ".prepared-with-sha256"

@@ -61,6 +61,7 @@ class Layouts:
     gpu_mem_gib: float | None
     placement: Any
     carries: list[dict[str, Any]]
+    run_dir: Path | None = None
 
     def at(self, step: int) -> Any:
         """The layout of optimizer step `step` (1-based): capped from where an OOM struck on."""
@@ -69,7 +70,7 @@ class Layouts:
 
         cap = phases.micro_cap(self.carries, step)
         return self.placement.layout if cap is None else \
-            make_plan(self.cfg, self.world_size, self.gpu_mem_gib, cap).layout
+            make_plan(self.cfg, self.world_size, self.gpu_mem_gib, cap, self.run_dir).layout
 
     def switches(self, first: int) -> list[tuple[int, Any]]:
         """The layouts that take over after step `first`, by the step they start at."""
@@ -81,13 +82,13 @@ def plan_layouts(cfg: Config, env: DistEnv, gpu_mem_gib: float | None, paths: Ru
     from . import phases
     from .inputs import make_plan
 
-    placement = make_plan(cfg, env.world_size, gpu_mem_gib)
+    placement = make_plan(cfg, env.world_size, gpu_mem_gib, run_dir=paths.root)
     carries = phases.carried_layouts(paths)
     if carries:
         placement = dataclasses.replace(placement, notes=placement.notes + tuple(
             f"micro-batch at most {c['micro_batch']} from step {c['from_step']} ({c['why']}; "
             f"{paths.plan_carry.name}: delete it to plan afresh)" for c in carries))
-    return Layouts(cfg, env.world_size, gpu_mem_gib, placement, carries)
+    return Layouts(cfg, env.world_size, gpu_mem_gib, placement, carries, paths.root)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ def checkpoint_manager(run: Allocation, faults: FaultPlan) -> Any:
 def build(run: Allocation, layout: Any, device: Any, offload: Any, checkpoints: Any,
           load_universal: bool) -> tuple[Any, int, int]:
     """The ZeRO-3 engine, saved through `checkpoints`: (engine, parameters, trained ones)."""
+    from ..checkpoint import basemodel as base
+    from ..core.fsutil import write_json_atomic
     from ..engine.build import build_engine, count_parameters, count_trainable, has_frozen, import_libraries
 
     run.expect("building the engine")
@@ -169,8 +172,12 @@ def build(run: Allocation, layout: Any, device: Any, offload: Any, checkpoints: 
     engine = build_engine(run.cfg, layout, device.cuda, offload, load_universal=load_universal)
     checkpoints.attach(engine)
     parameters, trainable = count_parameters(engine), count_trainable(engine)
-    # A frozen base stays where it is (model.pretrained_path, verified at every start).
-    checkpoints.exclude_frozen = bool(run.cfg.model.pretrained_path) and has_frozen(engine)
+    # A frozen base stays where it is (model.pretrained_path or model.base_paths, verified at
+    # every start); without one, the frozen parameters are saved too.
+    checkpoints.exclude_frozen = bool(base.bases(run.cfg)) and has_frozen(engine)
+    if run.cfg.model.module is not None and run.dist.is_main:  # for the planner (model.py)
+        write_json_atomic(run.paths.module_shape, {"parameters": parameters,
+                                                   "trainable": trainable})
     # Before the first checkpoint: ~16 bytes a parameter (weights, fp32 master, Adam moments).
     checkpoints.estimate_bytes = 16 * (trainable if checkpoints.exclude_frozen else parameters)
     return engine, parameters, trainable
@@ -182,7 +189,7 @@ def make_trainer(stack: ExitStack, run: Allocation, engine: Any, stream: Any, la
     """The training loop's collaborators: the steps on the engine, the evaluation, the tracker
     relay (stopped by `stack`), the carrying of a smaller micro-batch after an OOM."""
     from . import phases
-    from .steps import EngineSteps
+    from .steps import EngineSteps, objective_of
     from .trainer import Trainer
 
     cfg, dist = run.cfg, run.dist
@@ -198,7 +205,8 @@ def make_trainer(stack: ExitStack, run: Allocation, engine: Any, stream: Any, la
         logs.flush()
         os._exit(exits.OUT_OF_MEMORY)
 
-    trainer = Trainer(cfg, dist, EngineSteps(engine, stream, dist, faults), stream, layout,
+    steps = EngineSteps(engine, stream, dist, faults, objective_of(cfg, stream))
+    trainer = Trainer(cfg, dist, steps, stream, layout,
                       checkpoints, flag, run.logs.metrics, run.logs.events, run.info, faults,
                       time_left=lambda: phases.time_left(run.slurm), dump=dump,
                       watchdog=run.watchdog, carry=carry,

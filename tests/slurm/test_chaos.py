@@ -69,3 +69,25 @@ def test_a_short_seeded_chaos_run_recovers_every_fault_exactly(request, tmp_path
     # (>= 4: SLURM may deliver the failed node's stale kill to the next allocation, one crash more)
     assert {e["job_id"] for e in events} == {s["job_id"]} and s["restarts"] >= 4, why
     assert json.loads(json.dumps(result.to_json()))["summary"]["exact"] is True, why
+
+
+def test_the_bridge_under_rank_kill_scancel_term_and_bitflip_recovers_exactly(
+        cluster, tmp_path, monkeypatch, bridge_toy):
+    """`telepathy chaos --config examples/bridge/bridge-cpu.yaml` (a model and a dataset of the
+    user's code, its frozen models left out of the checkpoints) on two ranks: a rank SIGKILLed,
+    `scancel -s TERM`, a byte of the newest checkpoint flipped; each recovered, every loss equal
+    to the uninterrupted run's."""
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    seed = RNG.randrange(1000)
+    kinds = ("rank_kill", "scancel_term", "bitflip")
+    harness = Harness(Options(support.BRIDGE_CONFIG, faults=len(kinds), seed=seed, kinds=kinds,
+                              gpus=2, workdir=tmp_path / "chaos",
+                              sets=tuple(support.bridge_sets(bridge_toy)[:6])))
+    result = harness.run()
+    s = result.summary
+    logs = (tmp_path / "chaos" / "chaos.err").read_text(errors="replace")
+    why = f"seed {seed}: {json.dumps(result.to_json())}\n{logs[-3000:]}"
+    assert s["ok"], why
+    assert (s["injected"], s["recovered"], s["lost_runs"]) == (3, 3, 0), why
+    assert s["exact"] and s["bit_exact_steps"] == s["steps"], why
+    assert sorted(f.kind for f in result.faults) == sorted(kinds), why

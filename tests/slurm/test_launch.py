@@ -107,6 +107,25 @@ def test_scancel_then_the_high_partition_preempt_requeue_resume_exactly_and_resu
     assert [e["exit_code"] for e in support.events(run_dir, "allocation_end")] == [75, 75, 0]
 
 
+def test_the_bridge_through_submit_scancel_term_resumes_exactly_and_results_returns(
+        slurm_env, tmp_path, monkeypatch, bridge_toy, bridge_reference):
+    """A model and a dataset of the user's code (examples/bridge) as a submitit job on two
+    ranks: `scancel -s TERM` at a random step, requeued, resumed exactly; `job.results()`
+    returns rank 0's summary with the reference's last loss."""
+    monkeypatch.setenv("TELEPATHY_FAULT", support.PACED["TELEPATHY_FAULT"])  # the job inherits it
+    reference = support.losses(bridge_reference(2))
+    run_dir = tmp_path / "run"
+    job = telepathy.launch.submit(support.BRIDGE_CONFIG, run_dir, gpus=2,
+                                  overrides=support.bridge_sets(bridge_toy))
+    wait_for_step(run_dir / "metrics.jsonl", RNG.randint(2, 12), 240)
+    scontrol.scancel(job.job_id, signal="TERM")
+    summary, _ = results(job)
+    assert summary["status"] == "finished" and summary["step"] == 16, logs(job)
+    assert summary["restarts"] == 1 and summary["loss"] == reference[16]
+    assert_exact(run_dir, reference)
+    assert requeues(run_dir) == [("user", 0)]
+
+
 def test_signals_during_start_up_are_kept_then_a_refused_requeue_ends_results_with_the_reason(
         slurm_env, tmp_path, reference):
     """SIGTERM in the first allocation's start-up, submitit's SIGUSR2 in the second's: each is

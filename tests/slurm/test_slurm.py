@@ -56,6 +56,24 @@ def test_an_sft_lora_job_scancel_term_requeues_and_resumes_exactly(cluster, tmp_
     assert_requeue_trail(job, ["user"])
 
 
+def test_the_bridge_on_two_ranks_scancel_term_requeues_and_resumes_exactly(
+        cluster, tmp_path, bridge_toy, bridge_reference):
+    """A model and a dataset of the user's code (examples/bridge: two frozen LMs, a trained
+    bridge) through sbatch on two ranks: SIGTERM at a random step, save, requeue, every loss
+    and the samples each rank's forward received as in the uninterrupted run."""
+    from tests.integration.test_module import samples
+
+    reference = bridge_reference(2)
+    job = Job(cluster, tmp_path, sets=support.bridge_sets(bridge_toy, tmp_path / "samples"),
+              gpus=2, config=support.BRIDGE_CONFIG, env=support.PACED)
+    job.wait_step(RNG.randint(2, 12))
+    job.term()
+    assert job.wait_end() == ("COMPLETED", 1), job.logs()
+    assert_exact(job, support.losses(reference))
+    assert samples(tmp_path / "samples") == samples(reference.parent / "samples")
+    assert_requeue_trail(job, ["user"])
+
+
 def test_two_preemptions_by_scancel_give_restart_two(cluster, tmp_path, reference):
     job = Job(cluster, tmp_path, gpus=1)
     first, second = sorted(RNG.sample(range(5, 45), 2))
