@@ -71,7 +71,8 @@ def test_the_bridge_resumes_exactly_on_two_ranks_within_rounding_on_one_and_expo
     state = checkpoint_tensors(ckpt)
     assert state and not [n for n in state if n.startswith(("source.", "target."))]
     assert sum(t.numel() for t in state.values()) == support.events(
-        run_dir, "start")[0]["trainable"]
+        run_dir, "start")[0]["trainable"] == json.loads(
+        (run_dir / "module-shape.json").read_text())["trainable"]  # for the planner
 
     # Exported and built again: the loss of a fixed batch as the checkpointed module's.
     out = tmp_path / "export"
@@ -184,3 +185,27 @@ def test_bad_input_is_refused_before_any_distributed_work(tmp_path, capsys, sets
     assert message in err
     assert not torch.distributed.is_initialized()
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_the_planner_counts_the_module_on_the_meta_device_or_as_a_start_measured_it(
+        bridge_toy, tmp_path):
+    """The bridge's parameters (all, trained) counted without a weight read, as the engine
+    counts them; a module that cannot be built on the meta device (from_pretrained refuses it
+    there) planned from what a start of the run recorded in module-shape.json."""
+    from telepathy.config import load_config
+    from telepathy.plan.model import model_shape
+
+    cfg = load_config(BRIDGE_CONFIG, support.bridge_sets(bridge_toy))
+    shape = model_shape(cfg, count=True)
+    model = support.bridge_module(bridge_toy, {})
+    assert shape.total == sum(p.numel() for p in model.parameters())
+    assert shape.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < shape.trainable < shape.total / 10
+
+    eager = load_config(BRIDGE_CONFIG, support.bridge_sets(
+        bridge_toy, None, f"code_path=[{support.ROOT / 'examples' / 'bridge'}, {support.MODULES}]",
+        "model.module=recording:eager_bridge"))
+    assert model_shape(eager, count=True, run_dir=tmp_path).total is None
+    (tmp_path / "module-shape.json").write_text('{"parameters": 123456, "trainable": 789}')
+    shape = model_shape(eager, count=True, run_dir=tmp_path)
+    assert (shape.total, shape.trainable) == (123456, 789)
