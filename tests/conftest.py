@@ -25,7 +25,8 @@ SPREAD = ("tests/slurm/", "tests/integration/test_resume.py",
           "tests/integration/test_checkpoints.py", "tests/integration/test_never_hang.py",
           "tests/integration/test_elastic.py", "tests/integration/test_launch_local.py",
           "tests/integration/test_bench.py", "tests/integration/test_finetune.py",
-          "tests/integration/test_track.py", "tests/integration/test_sft.py")
+          "tests/integration/test_track.py", "tests/integration/test_sft.py",
+          "tests/integration/test_module.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -45,6 +46,7 @@ def pytest_xdist_make_scheduler(config, log):
 # where it is one unit), handed out first, in this order, so that the suite does not end on one
 # of them while the other workers have nothing left.
 LONG_FIRST = ("tests/integration/test_sft.py::test_world_two_resumes_exactly",
+              "tests/integration/test_module.py::test_the_bridge_resumes_exactly",
               "tests/integration/test_real_text.py",
               "tests/integration/test_track.py::test_one_tracker_run",
               "tests/integration/test_launch_local.py::test_local_executor_time_limit",
