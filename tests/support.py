@@ -324,13 +324,13 @@ def make_bridge_toy(root: Path) -> Path:
 
 
 def bridge_sets(toy: Path, record: Path | None = None, *more: str) -> list[str]:
-    """The bridge on the toy models of `toy`, 16 steps saved every 4; with `record`, the sample
+    """The bridge on the toy models of `toy`, 24 steps saved every 4; with `record`, the sample
     indices each forward receives written under it (tests/modules/recording.py)."""
     toy = Path(toy)
     sets = [f"model.options.source={toy / 'source'}", f"model.options.target={toy / 'target'}",
             f"model.base_paths=[{toy / 'source'}, {toy / 'target'}]",
             f"data.options.path={toy / 'pairs.jsonl'}", f"data.options.source={toy / 'source'}",
-            f"data.options.target={toy / 'target'}", "train.steps=16", "train.warmup_steps=3",
+            f"data.options.target={toy / 'target'}", "train.steps=24", "train.warmup_steps=3",
             "checkpoint.every_steps=4", "train.log_every=4"]
     if record is not None:
         sets += [f"code_path=[{ROOT / 'examples' / 'bridge'}, {MODULES}]",

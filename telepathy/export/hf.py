@@ -159,22 +159,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
         state = json.loads((ckpt / STATE).read_text())
         manifest_sha = (ckpt / MANIFEST).read_bytes()
         tmp.mkdir(parents=True)
-        cfg = config_from_dict(state["config"])
-        if adapter_only and cfg.model.lora.r == 0:
-            raise TelepathyError(f"--adapter: run {paths.root} trains no LoRA adapter "
-                                 "(model.lora.r is 0); export it without --adapter")
-        if cfg.model.module is not None:
-            if adapter_only:
-                raise TelepathyError("--adapter: a run of model.module has no peft adapter of "
-                                     "telepathy's; export it without --adapter")
-            from .module import write_module
-
-            result = write_module(tmp, ckpt, state, paths)
-        elif finetune.fine_tuning(cfg):
-            result = _write_finetuned(tmp, ckpt, state, DTYPES[dtype], shard_bytes,
-                                      paths.tokenizer, adapter_only)
-        else:
-            result = _write(tmp, ckpt, state, DTYPES[dtype], shard_bytes, paths.tokenizer)
+        result = _write_any(tmp, ckpt, state, paths, DTYPES[dtype], shard_bytes, adapter_only)
         (tmp / PROVENANCE).write_text(json.dumps({
             "run_dir": str(paths.root), "checkpoint": ckpt.name, "step": state["step"],
             "world_size": state["world_size"], "dtype": dtype, "adapter": adapter_only,
@@ -203,6 +188,24 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
     files, tensors, size = result
     return Exported(str(out), ckpt.name, state["step"], state["world_size"], dtype, tensors, size,
                     sorted(files + [PROVENANCE]), round(time.time() - started, 3))
+
+
+def _write_any(tmp: Path, ckpt: Path, state: dict[str, Any], paths: RunPaths, dtype: torch.dtype,
+               shard_bytes: int, adapter_only: bool) -> tuple[list[str], int, int]:
+    """The run's kind of export into `tmp`: a module's trained parameters, a fine-tuned model
+    (merged, or its adapter), or a model trained whole."""
+    cfg = config_from_dict(state["config"])
+    if adapter_only and cfg.model.lora.r == 0:
+        raise TelepathyError(f"--adapter: run {paths.root} trains no LoRA adapter "
+                             "(model.lora.r is 0); export it without --adapter")
+    if cfg.model.module is not None:
+        from .module import write_module
+
+        return write_module(tmp, ckpt, state, paths)
+    if finetune.fine_tuning(cfg):
+        return _write_finetuned(tmp, ckpt, state, dtype, shard_bytes, paths.tokenizer,
+                                adapter_only)
+    return _write(tmp, ckpt, state, dtype, shard_bytes, paths.tokenizer)
 
 
 def _write(tmp: Path, ckpt: Path, state: dict[str, Any], dtype: torch.dtype, shard_bytes: int,

@@ -79,7 +79,7 @@ def test_the_bridge_resumes_exactly_on_two_ranks_within_rounding_on_one_and_expo
     capsys.readouterr()
     assert export_main([str(run_dir), "--out", str(out), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
-    assert exported["step"] == 16 and (out / "trained.safetensors").is_file()
+    assert exported["step"] == 24 and (out / "trained.safetensors").is_file()
     described = json.loads((out / "telepathy-module.json").read_text())
     assert described["module"] == "recording:bridge" and len(described["base_paths"]) == 2
     from telepathy.export import load_module

@@ -115,24 +115,38 @@ def test_sigterm_during_an_evaluation_and_at_a_random_step_resume_exactly(
 
 def test_world_two_resumes_exactly_and_on_one_rank_within_rounding(sft_data, sft_reference,
                                                                     tmp_path, capsys):
-    """World 2: SIGTERM at a random step, resume bit for bit; the same checkpoint resumed on
-    one rank (2 -> 1): losses and eval_loss within 1e-5; the eval_loss of the uninterrupted runs
-    at world 1 and 2 within 1e-5; the best exported as an adapter that peft loads."""
+    """World 2 (LoRA on a tiny Llama): SIGTERM at a random step, resume bit for bit, the
+    checkpoint holding the adapters alone; the same checkpoint resumed on one rank (2 -> 1):
+    the adapters' fp32 weights and Adam moments carried bit for bit, losses and eval_loss within
+    1e-5; the eval_loss of the uninterrupted runs at world 1 and 2 within 1e-5; the best
+    exported as an adapter that peft loads."""
+    from safetensors.torch import load_file
+
+    from tests.integration.test_finetune import assert_adapters_alone
+
     ref2, ref1 = sft_reference(2), sft_reference(1)
     for step, loss in eval_losses(ref2).items():
         assert loss == pytest.approx(eval_losses(ref1)[step], rel=RTOL)
     sets = support.sft_sets(sft_data)
-    run_dir, fewer = tmp_path / "run", tmp_path / "fewer"
-    rc, _ = support.interrupt(run_dir, RNG.randint(2, 18), 2, sets, PACED, SFT_CONFIG)
+    run_dir, fewer, dumps = tmp_path / "run", tmp_path / "fewer", tmp_path / "dumps"
+    rc, _ = support.interrupt(run_dir, RNG.randint(2, 18), 2, sets,
+                              {**PACED, "TELEPATHY_DUMP_STATE": str(dumps)}, SFT_CONFIG)
     assert rc == 1 and support.events(run_dir, "preempted"), support.log_text(run_dir)
     subprocess.run(["cp", "-a", str(run_dir), str(fewer)], check=True)
     assert support.run(run_dir, 2, sets, config=SFT_CONFIG) == 0, support.log_text(run_dir)
     support.assert_same_losses(run_dir, support.losses(ref2))
     assert_each_evaluation_once_and_exact(run_dir, ref2)
+    assert_adapters_alone(run_dir)
 
-    assert support.run(fewer, 1, sets, config=SFT_CONFIG) == 0, support.log_text(fewer)
+    assert support.run(fewer, 1, sets, {"TELEPATHY_DUMP_STATE": str(dumps)},
+                       config=SFT_CONFIG) == 0, support.log_text(fewer)
     assert support.events(fewer, "world_size_changed")
     first = support.events(fewer, "preempted")[-1]["step"]
+    saved = load_file(dumps / f"saved-step{first}-w2.safetensors")
+    loaded = load_file(dumps / f"loaded-step{first}-w1.safetensors")
+    assert sorted(saved) == sorted(loaded)
+    assert any(k.endswith("/exp_avg_sq") and ".lora_B." in k for k in saved)
+    assert [k for k in saved if not torch.equal(saved[k], loaded[k])] == []
     support.assert_close_losses(support.losses(fewer), support.losses(ref2), exact_until=first)
     got, want = eval_losses(fewer), eval_losses(ref2)
     assert sorted(got) == sorted(want)
