@@ -91,21 +91,8 @@ def reference_run(tmp_path_factory, worker_id):
 
     Shared by the xdist workers (their temp dirs have a common parent) under a file lock.
     """
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        root = root.parent
-
-    def get(world: int = 1) -> Path:
-        run_dir = root / f"reference-w{world}" / "run"
-        with FileLock(str(root / f"reference-w{world}.lock")):
-            if not (root / f"reference-w{world}.done").exists():
-                assert support.run(run_dir, world) == 0, support.log_text(run_dir)
-                (root / f"reference-w{world}.done").touch()
-        return run_dir
-
-    return get
+    root = shared_root(tmp_path_factory, worker_id)
+    return lambda world=1: made_once(root, "reference", world, [], support.CONFIG)
 
 
 @pytest.fixture(scope="session")
@@ -240,26 +227,32 @@ def sft_data(tmp_path_factory, worker_id):
     return support.sft_paths(root / "sft-data")
 
 
+def shared_root(tmp_path_factory, worker_id):
+    """The directory every xdist worker of this session shares (their temp dirs' parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return root if worker_id == "master" else root.parent
+
+
+def made_once(root, name: str, world: int, sets: list[str], config: str):
+    """The uninterrupted run `name` at `world` ranks, made once per session under a file lock
+    and shared by the workers."""
+    from filelock import FileLock
+
+    run_dir = root / f"{name}-w{world}" / "run"
+    with FileLock(str(root / f"{name}-w{world}.lock")):
+        if not (root / f"{name}-w{world}.done").exists():
+            rc = support.run(run_dir, world, sets, config=config)
+            assert rc == 0, support.log_text(run_dir)
+            (root / f"{name}-w{world}.done").touch()
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def sft_reference(sft_data, tmp_path_factory, worker_id):
     """The uninterrupted LoRA SFT run per world size (support.sft_sets), made once per session."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        root = root.parent
-
-    def get(world: int):
-        run_dir = root / f"sft-reference-w{world}" / "run"
-        with FileLock(str(root / f"sft-reference-w{world}.lock")):
-            if not (root / f"sft-reference-w{world}.done").exists():
-                rc = support.run(run_dir, world, support.sft_sets(sft_data),
-                                 config=support.SFT_CONFIG)
-                assert rc == 0, support.log_text(run_dir)
-                (root / f"sft-reference-w{world}.done").touch()
-        return run_dir
-
-    return get
+    root = shared_root(tmp_path_factory, worker_id)
+    return lambda world: made_once(root, "sft-reference", world, support.sft_sets(sft_data),
+                                       support.SFT_CONFIG)
 
 
 # -- a module of the user's own: examples/bridge on its toy models ---------------------------------
@@ -280,23 +273,10 @@ def bridge_toy(tmp_path_factory, worker_id):
 
 @pytest.fixture(scope="session")
 def bridge_reference(bridge_toy, tmp_path_factory, worker_id):
-    """The uninterrupted bridge run per world size (support.bridge_sets), its samples recorded,
-    made once per session."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        root = root.parent
-
-    def get(world: int):
-        run_dir = root / f"bridge-reference-w{world}" / "run"
-        with FileLock(str(root / f"bridge-reference-w{world}.lock")):
-            if not (root / f"bridge-reference-w{world}.done").exists():
-                rc = support.run(run_dir, world, support.bridge_sets(bridge_toy, run_dir.parent /
-                                                                     "samples"),
-                                 config=support.BRIDGE_CONFIG)
-                assert rc == 0, support.log_text(run_dir)
-                (root / f"bridge-reference-w{world}.done").touch()
-        return run_dir
-
-    return get
+    """The uninterrupted bridge run per world size (support.bridge_sets), its samples recorded
+    beside it, made once per session."""
+    root = shared_root(tmp_path_factory, worker_id)
+    return lambda world: made_once(
+        root, "bridge-reference", world,
+        support.bridge_sets(bridge_toy, root / f"bridge-reference-w{world}" / "samples"),
+        support.BRIDGE_CONFIG)
