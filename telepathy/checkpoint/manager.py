@@ -1,7 +1,8 @@
 """The checkpoint manager: one directory per step, valid only once its manifest exists.
 
 Save (collective, every rank), in two parts:
-  1. snapshot (blocks training): DeepSpeed walks its ZeRO-3 state and hands each file's state to
+  1. snapshot (blocks training): DeepSpeed's walk over its ZeRO-3 state, without the collectives
+     its save_checkpoint wraps it in (adapter.save_checkpoint), hands each file's state to
      telepathy's checkpoint engine, which copies it to host memory; each rank's RNG state
      (safetensors) and, on rank 0, state.json are added;
   2. persist (a background thread per rank, training goes on): the files are serialised, hashed
@@ -113,6 +114,8 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._result: SaveResult | None = None
         self._unreported: list[SaveResult] = []
+        self.collective_free = False
+        """Whether the last save ran DeepSpeed's walk without its collectives (adapter)."""
         self.recent_seconds: list[float] = []
         """Total seconds (snapshot to manifest) of the last saves that completed."""
         # Background threads exchange file lists on their own group, never on training's.
@@ -168,9 +171,8 @@ class CheckpointManager:
         self._in_place = wait or not self.async_save
         self.writer.copy_s = 0.0
         try:
-            engine.save_checkpoint(str(self.paths.checkpoints), tag=name, client_state={},
-                                   save_latest=False,
-                                   exclude_frozen_parameters=self.exclude_frozen)
+            self.collective_free = adapter.save_checkpoint(
+                engine, str(self.paths.checkpoints), name, self.exclude_frozen)
         finally:
             self._saving = None
             self._in_place = False

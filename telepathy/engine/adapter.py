@@ -11,6 +11,9 @@ on; `tests/` exercise each of them against the real engine (ZeRO-3 on CPU with g
   the pointer file it leaves;
 - `install_checkpoint_engine`, `zipped_serialization`: the checkpoint-engine hook
   (`engine.checkpoint_engine`, `CheckpointEngine`) and `engine._config.checkpoint_config`;
+- `save_checkpoint`: DeepSpeed's ZeRO-3 save without its collectives (`_save_checkpoint`,
+  `_save_zero_checkpoint`, `ds_status`/`ds_persist` of the parameters, `free_param`'s empty
+  `.data`);
 - `step_counters`, `drop_partial_step`: the micro-step counters and the ZeRO-3 parameter
   coordinator, to drop a step that ran out of memory;
 - `repair_universal_load`: two defects of the ZeRO-3 universal load (0.19.8);
@@ -164,6 +167,70 @@ def install_checkpoint_engine(engine: Any, save: Callable[[Any, str], None],
             return True
 
     engine.checkpoint_engine = TelepathyCheckpointEngine()
+
+
+def _local_save_applies(engine: Any) -> str | None:
+    """Why DeepSpeed's own `save_checkpoint` must run (None: `save_checkpoint` below may skip it)."""
+    if engine.zero_optimization_stage() != 3:
+        return f"ZeRO stage {engine.zero_optimization_stage()}"
+    if engine.has_moe_layers or getattr(engine, "_autoep_folding_spec", None) is not None:
+        return "mixture-of-experts layers"
+    if engine.zero_nvme_offload_optimizer():
+        return "the optimizer offloaded to NVMe"
+    if not hasattr(engine.optimizer, "checkpoint_event_prologue"):
+        return "an optimizer without ZeRO-3's checkpoint events"
+    return None
+
+
+def save_checkpoint(engine: Any, save_dir: str, tag: str, exclude_frozen: bool) -> bool:
+    """Write a ZeRO-3 checkpoint through the installed checkpoint engine, as DeepSpeed's
+    `save_checkpoint(save_dir, tag, client_state={}, save_latest=False,
+    exclude_frozen_parameters=exclude_frozen)` writes it, but without its collectives. Whether
+    the collective-free path was taken (False: DeepSpeed's own save ran).
+
+    DeepSpeed's save (0.19.8) wraps two local walks, `_save_checkpoint` (the model states file:
+    the module's state dict, parameter shapes, scheduler, counters) and `_save_zero_checkpoint`
+    (this rank's flat fp32 partitions and optimizer state), in collectives: a barrier, an
+    all-reduce of the tag's hash, ZeRO-3's checkpoint prologue (partition every parameter,
+    the persistent ones too) and epilogue (all-gather the persistent parameters again). At a
+    step boundary only the persistent parameters are gathered, so the prologue changes nothing
+    in the files but their entries, which it empties (`free_param`: `.data` becomes a 0-element
+    tensor). Here their `.data` is swapped for that empty tensor during the walk and put back,
+    with no collective, and the two walks run as DeepSpeed runs them: the same files, key for
+    key and bit for bit (tests/integration/test_interop.py compares them with DeepSpeed's own).
+    Telepathy's tags are the step's name on every rank, so the tag check has nothing to catch.
+    Where the walk would differ (a parameter gathered outside the persistent set, a stage,
+    offload or MoE this does not cover), DeepSpeed's own save runs instead.
+    """
+    why = _local_save_applies(engine)
+    shown = []
+    if why is None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        for param in engine.module.parameters():
+            status = getattr(param, "ds_status", None)
+            if status is None or status == ZeroParamStatus.NOT_AVAILABLE:
+                continue
+            if status != ZeroParamStatus.AVAILABLE or not getattr(param, "ds_persist", False) \
+                    or param.ds_active_sub_modules:
+                why = f"parameter {getattr(param, 'ds_id', '?')} is {status.name}"
+                break
+            shown.append(param)
+    if why is not None:
+        engine.save_checkpoint(save_dir, tag=tag, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
+        return False
+    os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+    held = [(param, param.data) for param in shown]
+    try:
+        for param in shown:
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        engine._save_checkpoint(save_dir, tag, client_state={},
+                                exclude_frozen_parameters=exclude_frozen)
+    finally:
+        for param, data in held:
+            param.data = data
+    engine._save_zero_checkpoint(save_dir, tag)
+    return True
 
 
 def repair_universal_load(engine: Any, universal: Path) -> list[str]:

@@ -65,6 +65,59 @@ def test_a_snapshot_keeps_the_types_deepspeeds_tools_rely_on():
     assert type(copy["plain"]) is tuple
 
 
+def same(a, b, where="") -> list[str]:
+    """Where two deserialised checkpoint states differ: tensors bit for bit (dtype and shape
+    too), containers key for key and in order, objects (a loss scaler, DeepSpeed's config) by
+    their attributes."""
+    if type(a) is not type(b):
+        return [f"{where}: {type(a).__name__} against {type(b).__name__}"]
+    if isinstance(a, torch.Tensor):
+        equal = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if equal else [f"{where}: tensors differ"]
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return [f"{where}: keys {list(a)} against {list(b)}"]
+        return [d for k in a for d in same(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} items against {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same(x, y, f"{where}[{i}]")]
+    if hasattr(a, "__dict__") and not isinstance(a, type):
+        return same(vars(a), vars(b), where)
+    return [] if a == b else [f"{where}: {a!r} against {b!r}"]
+
+
+def test_the_collective_free_save_writes_what_deepspeeds_own_save_writes(tmp_path):
+    """telepathy skips the collectives DeepSpeed's save_checkpoint wraps its ZeRO-3 walk in
+    (adapter.save_checkpoint): at world 2, with frozen parameters excluded and not, every file
+    it writes deserialises to what DeepSpeed's own save writes from the same state."""
+    worker = support.ROOT / "tests" / "modules" / "same_files.py"
+    done = subprocess.run([sys.executable, "-c", support.TORCHRUN, "--standalone",
+                           "--nproc_per_node=2", str(worker), str(tmp_path)],
+                          capture_output=True, text=True, cwd=support.ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert report["local-False"] and report["local-True"], report  # the path was taken
+        assert report["persistent"] > 0 and report["restored"], report
+    for exclude in (False, True):
+        ours, theirs = tmp_path / f"telepathy-{exclude}" / "t", tmp_path / f"deepspeed-{exclude}" / "t"
+        names = sorted(p.name for p in theirs.iterdir())
+        assert sorted(p.name for p in ours.iterdir()) == names
+        assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in names
+        for name in names:
+            if name.endswith(".pt"):
+                load = lambda d: torch.load(d / name, weights_only=False)  # noqa: E731
+                differ = same(load(ours), load(theirs))
+                assert not differ, f"{exclude} {name}: {differ[:5]}"
+            else:  # DeepSpeed's recovery scripts
+                assert (ours / name).read_bytes() == (theirs / name).read_bytes()
+    # exclusion did something: the frozen parameters' fragments are only in the full save
+    full = torch.load(tmp_path / "telepathy-False/t/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                      weights_only=False)
+    assert full["frozen_param_fragments"]
+
+
 @pytest.mark.parametrize("world, saves", [(1, "async"), (2, "async"), (1, "sync"), (2, "sync")])
 def test_deepspeeds_tools_read_every_checkpoint_and_export_equals_them(
         world, saves, reference_run, sync_run, tmp_path):
