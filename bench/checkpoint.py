@@ -25,6 +25,7 @@ Without --world/--model it runs tiny and 56M at world sizes 1 and 2 (torchrun, g
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -135,6 +136,26 @@ def drop_cache(directory: Path) -> None:
                 os.close(fd)
 
 
+class GcClock:
+    """Seconds Python's cyclic collector has run in this process (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.s = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.s += time.perf_counter() - self._started
+
+
+GC = GcClock()
+PROFILE = os.environ.get("BENCH_PROFILE_STALL")
+"""A path prefix: the first throughput round's save is profiled (cProfile) to PREFIX.KIND.RANK."""
+
+
 def throughput_overhead(train_step, engine, manager, dist, every_steps: int,
                         step: int) -> dict[str, Any]:
     """What one background save costs training, as a share of `every_steps` steps' time.
@@ -154,24 +175,36 @@ def throughput_overhead(train_step, engine, manager, dist, every_steps: int,
             out.append(time.perf_counter() - started)
         return out
 
-    plain, rounds = [], []
+    plain, rounds, copied = [], [], []
     for i in range(ROUNDS):
         plain += timed_steps(3)
         dist.barrier()
         started = time.perf_counter()
+        collected = GC.s
+        if PROFILE and i == 0:
+            import cProfile
+            profile = cProfile.Profile()
+            profile.enable()
         stall = manager.save(engine, step + i, {"step": step + i})
+        if PROFILE and i == 0:
+            profile.disable()
+            profile.dump_stats(f"{PROFILE}.{type(manager).__name__}.{dist.rank}")
+        copied.append(getattr(getattr(manager, "writer", None), "copy_s", None))
+        collected = GC.s - collected
         during = timed_steps(3)
         manager.wait()
         dist.barrier()
-        rounds.append((time.perf_counter() - started, stall, during))
+        rounds.append((time.perf_counter() - started, stall, during, collected))
     plain += timed_steps(3)
     step_s = statistics.median(plain)
-    extras = [max(dist.all_gather_object(total - 3 * step_s)) for total, _, _ in rounds]
+    extras = [max(dist.all_gather_object(total - 3 * step_s)) for total, *_ in rounds]
     extra = statistics.median(extras)
     computed, not_measured = ratios({"overhead": (extra, every_steps * step_s)}, digits=4)
     return {"every_steps": every_steps, "step_s": seconds(step_s),
             "plain_steps_s": [seconds(x) for x in plain],
             "save_stall_s": [seconds(r[1]) for r in rounds],
+            "save_stall_gc_s": [seconds(r[3]) for r in rounds],  # of it, the cyclic collector's
+            **({"save_stall_copy_s": [seconds(c) for c in copied]} if None not in copied else {}),
             "steps_during_save_s": [[seconds(x) for x in r[2]] for r in rounds],
             "save_extra_s_per_round": [seconds(x) for x in extras],
             "save_extra_s": seconds(extra),
@@ -211,9 +244,9 @@ def dcp_why(result: dict[str, Any]) -> dict[str, str]:
             f"{s['telepathy_async_copy_s']:.3f} s; DeepSpeed's own save walk in a synchronous "
             f"save {s['sync_save_stall_s']:.3f} s) against DCP's {s['dcp_async_stall_s']:.3f} s "
             f"(a copy into its cached buffers, dcp_async_stall_vs_memcpy "
-            f"{q['dcp_async_stall_vs_memcpy']}): DCP copies the flat partitions directly, "
-            "telepathy runs DeepSpeed's save_checkpoint protocol on the blocking path; right "
-            f"after training steps the stalls are {s['telepathy_async_stall_after_steps_s']:.3f}"
+            f"{q['dcp_async_stall_vs_memcpy']}); both copy the same bytes into buffers kept "
+            "from save to save, telepathy through DeepSpeed's save walk (without the collectives "
+            "DeepSpeed's save_checkpoint wraps it in); right after training steps the stalls are {s['telepathy_async_stall_after_steps_s']:.3f}"
             f" s and {s['dcp_async_stall_after_steps_s']:.3f} s"),
         "telepathy_verified_load_vs_dcp": (
             f"verify {s['telepathy_verify_s']:.3f} s + load {s['telepathy_load_s']:.3f} s "
@@ -294,10 +327,9 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             f"the stall {s['telepathy_async_stall_s']:.3f} s against a copy of the same bytes "
             f"into mapped memory on one thread {s['memcpy_mapped_s']:.3f} s: its copies took "
             f"{s['telepathy_async_copy_s']:.3f} s (async_copy_vs_memcpy "
-            f"{q['async_copy_vs_memcpy']}); the rest is DeepSpeed's own save_checkpoint "
-            f"({s['sync_save_stall_s']:.3f} s in a synchronous save, which copies nothing: at "
-            "ZeRO-3 it partitions the persistent parameters and all-gathers them again, "
-            "collectives its own save runs too), the RNG state and telepathy's barrier"),
+            f"{q['async_copy_vs_memcpy']}); the rest is DeepSpeed's save walk, without its "
+            f"collectives ({s['sync_save_stall_s']:.3f} s in a synchronous save, which copies "
+            "nothing), the RNG state and telepathy's barrier"),
         "checkpoint_overhead_on_throughput": (
             f"a save cost {result['throughput']['save_extra_s']:.3f} s of training time against "
             f"{result['throughput']['every_steps']} steps of {result['throughput']['step_s']:.3f} s"
@@ -357,6 +389,12 @@ def worker(args: argparse.Namespace) -> None:
             engine.step()
     for _ in range(2):
         train_step()
+    if args.gc == "freeze":
+        # As a telepathy rank settles before its first step (telepathy.train.resume.settle_gc):
+        # collect once and freeze the modules, the model and the engine, so that the cyclic
+        # collections that allocations trigger later do not rescan them.
+        gc.collect()
+        gc.freeze()
     ds_engine = engine.checkpoint_engine  # DeepSpeed's default (torch.save, no fsync)
     root = Path(dist.broadcast_object(args.dir if dist.is_main else None))
     paths = RunPaths.at(root / "run")
@@ -547,13 +585,14 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_case(model: str, world: int, repeats: int, base: Path,
-             hash_: str = "xxh3_128", peer: str | None = None) -> dict[str, Any]:
+             hash_: str = "xxh3_128", peer: str | None = None,
+             gc_mode: str = "freeze") -> dict[str, Any]:
     from telepathy.core import proc
 
     work = Path(tempfile.mkdtemp(prefix=f"ckpt-{model}-w{world}-", dir=base))
     result = work / "result.json"
     cmd = ["-m", "bench.checkpoint", "--worker", "--model", model, "--repeats", str(repeats),
-           "--dir", str(work), "--result", str(result), "--hash", hash_,
+           "--dir", str(work), "--result", str(result), "--hash", hash_, "--gc", gc_mode,
            *(["--peer", peer] if peer else [])]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -575,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hash", default="xxh3_128", help="telepathy's checksum (checkpoint.hash)")
     p.add_argument("--peer", choices=["dcp"], help="also PyTorch Distributed Checkpoint on the "
                    "same state, interleaved (bench/dcp_peer.py)")
+    p.add_argument("--gc", choices=["freeze", "plain"], default="freeze",
+                   help="freeze: the collector as in a telepathy rank (its objects frozen after "
+                   "start-up); plain: Python's default")
     p.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where to write (the disk)")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -586,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.dir)
     base.mkdir(parents=True, exist_ok=True)
     cases, repeats = cases_of(args, list(MODELS))
-    results = [run_case(m, w, repeats, base, args.hash, args.peer) for m, w in cases]
+    results = [run_case(m, w, repeats, base, args.hash, args.peer, args.gc) for m, w in cases]
     report = {"disk": str(base), "results": results}
     for r in results:
         s, g, q = r["seconds"], r["GB_per_s"], r["ratios"]

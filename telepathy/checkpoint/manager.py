@@ -114,6 +114,8 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._result: SaveResult | None = None
         self._unreported: list[SaveResult] = []
+        self.on_durable: Callable[[], None] = lambda: None
+        """Rank 0: called once a checkpoint is durable (and pruned): the mirror's uploader."""
         self.collective_free = False
         """Whether the last save ran DeepSpeed's walk without its collectives (adapter)."""
         self.recent_seconds: list[float] = []
@@ -153,8 +155,9 @@ class CheckpointManager:
         checkpoint.async_save off). Returns the seconds training was blocked (the stall); the
         result, with `reason`, comes from `wait()` or `completed()`."""
         self.wait()
-        if self.writer is None:
-            self.attach(engine)
+        # Every time: whatever replaced the engine's checkpoint engine since (a user's code, a
+        # benchmark's DeepSpeed save) must not write this checkpoint unhashed and unsnapshotted.
+        self.attach(engine)
         started = time.time()
         name = checkpoint_name(step)
         ckpt = self.paths.checkpoint(step)
@@ -247,6 +250,7 @@ class CheckpointManager:
                     if best is not None:
                         directory.record_best(self.paths, best)
                     self.prune()
+                    self.on_durable()
                 except Exception as exc:
                     log.warning("pruning after the save of step %d failed: %s: %s", step,
                                 type(exc).__name__, exc)
@@ -412,6 +416,7 @@ class CheckpointManager:
         self.wait()
         if self.dist.is_main and directory.is_complete(self.paths.checkpoint(best["step"])):
             directory.record_best(self.paths, best)
+            self.on_durable()
         self.dist.barrier()
 
     def newest_complete_step(self) -> int:
