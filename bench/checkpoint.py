@@ -246,7 +246,8 @@ def dcp_why(result: dict[str, Any]) -> dict[str, str]:
             f"(a copy into its cached buffers, dcp_async_stall_vs_memcpy "
             f"{q['dcp_async_stall_vs_memcpy']}); both copy the same bytes into buffers kept "
             "from save to save, telepathy through DeepSpeed's save walk (without the collectives "
-            "DeepSpeed's save_checkpoint wraps it in); right after training steps the stalls are {s['telepathy_async_stall_after_steps_s']:.3f}"
+            "DeepSpeed's save_checkpoint wraps it in); right after training steps the stalls are "
+            f"{s['telepathy_async_stall_after_steps_s']:.3f}"
             f" s and {s['dcp_async_stall_after_steps_s']:.3f} s"),
         "telepathy_verified_load_vs_dcp": (
             f"verify {s['telepathy_verify_s']:.3f} s + load {s['telepathy_load_s']:.3f} s "

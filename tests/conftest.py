@@ -280,3 +280,11 @@ def bridge_reference(bridge_toy, tmp_path_factory, worker_id):
         root, "bridge-reference", world,
         support.bridge_sets(bridge_toy, root / f"bridge-reference-w{world}" / "samples"),
         support.BRIDGE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """This worker's S3 endpoint (moto's server on 127.0.0.1); each test takes its own bucket."""
+    server = support.S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

@@ -186,6 +186,13 @@ def assert_same_losses(run_dir, reference):
     assert not differ, f"losses differ from the uninterrupted run at (step, ref, got): {differ[:5]}"
 
 
+def assert_preempted(rc, world, run_dir):
+    """The ranks saved and left with the preemption exit (torchrun itself exits 1 after it
+    forwarded the signal)."""
+    assert rc == (75 if world == 1 else 1), log_text(run_dir)
+    assert events(run_dir, "preempted"), log_text(run_dir)
+
+
 def assert_close_losses(got, ref, exact_until):
     assert sorted(got) == sorted(ref), "the run did not log every step"
     exact = [s for s in ref if s <= exact_until and got[s] != ref[s]]
@@ -370,3 +377,89 @@ def bridge_batch(toy: Path, indices) -> dict:
                               "target_len": 24})
     items = [data[i] for i in indices]
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+# -- the checkpoint mirror's S3 endpoint -----------------------------------------------------------
+class S3Server:
+    """moto's standalone S3 server (a real HTTP server, in its own process) on 127.0.0.1 at a free
+    port, as s3fs's own tests run it. Clients reach it through the standard variables of `env`
+    (AWS_ENDPOINT_URL and the keys), nothing hard-coded in telepathy. `pause()` stops the
+    process (SIGSTOP: it keeps its objects and answers nothing: a hung server), `resume()`
+    lets it go on."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "telepathy-tests",
+                    "AWS_SECRET_ACCESS_KEY": "telepathy-tests", "AWS_DEFAULT_REGION": "us-east-1"}
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      str(self.port)], stdout=open(root / "moto.log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while True:
+            try:
+                self.client().list_buckets()
+                break
+            except Exception:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        self.buckets = 0
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=self.env[
+            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1", config=Config(retries={"max_attempts": 1}))
+
+    def bucket(self) -> str:
+        """A new, empty bucket of this server."""
+        self.buckets += 1
+        name = f"mirror-{os.getpid()}-{self.buckets}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.kill()
+        self.proc.wait()
+
+
+FAST_MIRROR = ('checkpoint.mirror_options={"config_kwargs": {"connect_timeout": 2, '
+               '"read_timeout": 2, "retries": {"max_attempts": 1}}}')
+"""A client that gives up on a hung server in seconds (s3fs still retries a timeout 5 times):
+the default waits up to 2 minutes a request."""
+
+
+def mirror_objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix`, read with boto3 (the other tool), by key relative to it."""
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            out[item["Key"][len(prefix):].lstrip("/")] = body
+    return out
+
+
+def matches_manifest(data: bytes, entry: dict) -> bool:
+    """Whether bytes read from the mirror hash, chunk by chunk, as a manifest entry says."""
+    from telepathy.checkpoint.hashing import new_hash
+
+    chunk = entry["chunk_bytes"]
+    digests = [new_hash(entry["hash"]) for _ in range(max(1, -(-len(data) // chunk)))]
+    for i, digest in enumerate(digests):
+        digest.update(data[i * chunk:(i + 1) * chunk])
+    return len(data) == entry["size"] and [d.hexdigest() for d in digests] == entry["chunks"]

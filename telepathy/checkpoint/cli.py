@@ -4,6 +4,8 @@ checkpoints.
     telepathy checkpoint list   RUN_DIR          # fast: manifests only, no hashing
     telepathy checkpoint verify RUN_DIR          # every file against its manifest
     telepathy checkpoint prune  RUN_DIR --keep K # keep the newest K that verify
+    telepathy checkpoint list   s3://bucket/run  # a mirror (checkpoint.mirror): the same
+    telepathy checkpoint verify s3://bucket/run  # every object read back against its manifest
 
 Table: step (marked `(best)` for the best checkpoint of checkpoint.keep_best), status (valid,
 corrupt, incomplete; `list` says complete), size, files, world size, age. `--json` prints the
@@ -24,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..core.errors import RunLocked
+from ..core.errors import ConfigError, RunLocked
 from ..core.exits import BAD_INPUT, OK
 from ..core.exits import FAILED as NOT_VALID
 from ..core.paths import RunPaths, checkpoint_step
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="telepathy checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["list", "verify", "prune"])
-    p.add_argument("run_dir", help="a run directory (or its checkpoints/ directory)")
+    p.add_argument("run_dir", help="a run directory (or its checkpoints/ directory), or a "
+                   "mirror's URL (checkpoint.mirror; list and verify)")
     p.add_argument("--keep", type=int, help="prune: complete checkpoints to keep (>= 1)")
     p.add_argument("--force", action="store_true", help="prune even while a job holds the run")
     p.add_argument("--json", action="store_true")
@@ -114,10 +117,50 @@ def prune(paths: RunPaths, keep: int, force: bool) -> list[str]:
             lock.release()
 
 
+def mirror_rows(url: str, check: bool, now: float) -> list[dict[str, Any]]:
+    """The rows of a mirror's checkpoints, newest first (reading every object back when
+    `check`)."""
+    from . import mirror
+
+    store = mirror.open_store(url)
+    rows = []
+    for step, name in store.names():
+        manifest = store.manifest(name)
+        row: dict[str, Any] = {"checkpoint": name, "step": step, "path": store.path(name)}
+        if manifest is None:
+            rows.append({**row, "status": "incomplete", "bytes": None, "files": None,
+                         "world_size": None, "age_s": 0.0,
+                         "problems": ["no manifest (incomplete, or found damaged at a fetch)"]})
+            continue
+        row.update(bytes=manifest.get("bytes"), files=len(manifest["files"]),
+                   world_size=manifest.get("world_size"),
+                   age_s=now - manifest.get("created", now))
+        if not check:
+            rows.append({**row, "status": "complete", "problems": []})
+            continue
+        started = time.perf_counter()
+        problems = mirror.verify(store, name, manifest)
+        rows.append({**row, "status": "corrupt" if problems else "valid", "problems": problems,
+                     "verify_s": round(time.perf_counter() - started, 3)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths = run_paths(args.run_dir)
     console = Console()
+    from .mirror import is_url
+    if is_url(args.run_dir):
+        if args.command == "prune":
+            print("error: prune works on a run directory; a mirror is pruned by its run "
+                  "(checkpoint.mirror_keep)", file=sys.stderr)
+            return BAD_INPUT
+        try:
+            rows = mirror_rows(args.run_dir, args.command == "verify", time.time())
+        except (ConfigError, OSError) as exc:
+            print(f"error: {args.run_dir}: {exc}", file=sys.stderr)
+            return BAD_INPUT
+        return show(rows, f"{args.run_dir} ({args.command})", args.json, console)
+    paths = run_paths(args.run_dir)
     if not paths.checkpoints.is_dir():
         print(f"error: {paths.checkpoints} does not exist; give a run directory "
               "(the --run-dir of telepathy.resume)", file=sys.stderr)
@@ -141,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     best = directory.best_step(paths)
     rows = [{**describe(p, args.command == "verify", now),
              "best": checkpoint_step(p.name) == best} for p in dirs]
-    if args.json:
+    return show(rows, f"{paths.checkpoints} ({args.command})", args.json, console)
+
+
+def show(rows: list[dict[str, Any]], title: str, as_json: bool, console: Console) -> int:
+    """Print the rows; the exit status of the newest."""
+    if as_json:
         print(json.dumps(rows, indent=1))
     else:
-        console.print(table(rows, f"{paths.checkpoints} ({args.command})"))
+        console.print(table(rows, title))
         for r in rows:
             for problem in r["problems"]:
                 console.print(f"{r['checkpoint']}: {problem}", markup=False)

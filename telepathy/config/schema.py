@@ -261,6 +261,15 @@ class CheckpointConfig:
     hash: str = "xxh3_128"
     """Checksum of every chunk of every file, recorded in each manifest: xxh3_128 (fast; catches
     accidental damage), blake3 or sha256 (cryptographic). Older checkpoints verify with theirs."""
+    mirror: str | None = None
+    """A verified copy of every checkpoint on object storage, uploaded by rank 0 in the
+    background (s3://bucket/prefix/run, or any fsspec URL; needs the `mirror` extra). A start
+    with no valid local checkpoint as new as the mirror's resumes from the mirror. The endpoint
+    and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or ~/.aws/."""
+    mirror_keep: int = 0
+    """Newest complete checkpoints kept on the mirror (the best too, with keep_best); 0: `keep`."""
+    mirror_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to fsspec for the mirror's filesystem (e.g. {"profile": "ceph"} for s3fs)."""
 
     def __post_init__(self) -> None:
         _require(self.hash in CHECKPOINT_HASHES, "checkpoint.hash", self.hash,
@@ -269,6 +278,15 @@ class CheckpointConfig:
         _require(self.every_min >= 0, "checkpoint.every_min", self.every_min, "must be >= 0")
         _require(self.keep >= 2, "checkpoint.keep", self.keep,
                  "keep at least 2 so a failed save never leaves the run without a checkpoint")
+        _require(self.mirror_keep == 0 or self.mirror_keep >= 2, "checkpoint.mirror_keep",
+                 self.mirror_keep, "keep at least 2 on the mirror (or 0: the same as keep)")
+        _require(self.mirror is None or "://" in self.mirror, "checkpoint.mirror", self.mirror,
+                 "give a URL such as s3://bucket/prefix/run (or file:///path for a directory)")
+
+    @property
+    def mirror_kept(self) -> int:
+        """Checkpoints kept on the mirror: mirror_keep, or keep when it is 0."""
+        return self.mirror_keep or self.keep
 
 
 @dataclass

@@ -44,6 +44,11 @@ class Event(StrEnum):
     TRACKER_FAILED = "tracker_failed"
     BEST_CHECKPOINT = "best_checkpoint"
     EVAL_STOPPED = "eval_stopped"
+    MIRROR_UPLOADED = "mirror_uploaded"
+    MIRROR_FAILED = "mirror_failed"
+    MIRROR_UNFINISHED = "mirror_unfinished"
+    MIRROR_FETCHED = "mirror_fetched"
+    MIRROR_REJECTED = "mirror_rejected"
 
 
 STAMP_FIELDS = ("time", "restart", "job_id", "world_size")
@@ -110,6 +115,18 @@ EVENTS: dict[Event, tuple[str, str]] = {
                             "step, eval_loss, previous_step, previous_eval_loss"),
     Event.EVAL_STOPPED: ("a preemption signal came during an evaluation: it stopped unfinished "
                          "and is done again after the resume", "step, signal"),
+    Event.MIRROR_UPLOADED: ("a checkpoint is complete on the mirror (checkpoint.mirror): every "
+                            "file read back and verified, its manifest uploaded last",
+                            "checkpoint, step, bytes, uploaded_bytes, uploaded_files, seconds"),
+    Event.MIRROR_FAILED: ("uploads to the mirror are failing; retried with backoff, training "
+                          "goes on (reported at the first failure, then at most once a minute)",
+                          "url, error, failures, failing_s, retry_in_s"),
+    Event.MIRROR_UNFINISHED: ("the process ended before the mirror had every wanted checkpoint; "
+                              "the next allocation goes on with it", "url, budget_s, wanted"),
+    Event.MIRROR_FETCHED: ("no valid local checkpoint as new as the mirror's: it was downloaded "
+                           "and verified", "checkpoint, step, bytes, seconds"),
+    Event.MIRROR_REJECTED: ("a mirrored checkpoint did not match its manifest when downloaded; "
+                            "the previous one is tried", "checkpoint, problems"),
 }
 """What each event means and the fields it carries beyond the stamp."""
 

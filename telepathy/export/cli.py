@@ -6,6 +6,8 @@ Hugging Face model directory that `AutoModelForCausalLM.from_pretrained(DIR)` lo
     telepathy export runs/lora --out models/lora-merged         # LoRA merged into the base
     telepathy export runs/lora --out models/lora --adapter      # the adapter, as peft saves it
     telepathy export runs/sft --out models/sft-best --best      # checkpoint.keep_best's best
+    telepathy export s3://bucket/runs/llama --out models/llama  # from the mirror (downloaded and
+                                                                # verified first)
 
 Exit status: 0 exported, 2 bad input (no valid checkpoint, --out exists, a bad --step), 1 crash.
 """
@@ -16,6 +18,8 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
+from pathlib import Path
 
 from ..core import exits, logs
 from ..core.errors import TelepathyError
@@ -39,11 +43,33 @@ def best_step(run_dir: str, step: int | None) -> int:
     return best
 
 
+def from_mirror(args: argparse.Namespace, tmp: Path) -> Path:
+    """A run directory in `tmp` holding the mirror's checkpoint to export (the newest, --step's,
+    or, with --best, the best the newest records), downloaded and verified."""
+    from ..checkpoint.directory import best_step as recorded
+    from ..checkpoint.mirror import download_for_reading
+    from ..core.paths import RunPaths
+
+    if args.best and args.step is not None:
+        raise TelepathyError(f"--best and --step {args.step}: give one of them")
+    download_for_reading(args.run_dir, args.step, tmp)
+    if args.best:
+        best = recorded(RunPaths.at(tmp))
+        if best is None:
+            raise TelepathyError(f"--best: the newest checkpoint of {args.run_dir} records no "
+                                 "best checkpoint; export with --step")
+        if not RunPaths.at(tmp).checkpoint(best).exists():
+            download_for_reading(args.run_dir, best, tmp)
+        args.step, args.best = best, False
+    return tmp
+
+
 def main(argv: list[str] | None = None) -> int:
     logs.configure(0)
     p = argparse.ArgumentParser(prog="telepathy export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (the --run-dir of telepathy resume)")
+    p.add_argument("run_dir", help="a run directory (the --run-dir of telepathy resume), or its "
+                   "mirror's URL (checkpoint.mirror)")
     p.add_argument("--out", required=True, help="the model directory to create (must not exist)")
     p.add_argument("--step", type=int, help="export this step's checkpoint (default: the newest "
                                             "that verifies)")
@@ -58,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     args = p.parse_args(argv)
     try:
-        if args.best:
-            args.step = best_step(args.run_dir, args.step)
-        shard_bytes = parse_size(args.shard_size)
-        from .hf import as_dict, export  # torch and transformers: after the arguments are checked
+        with tempfile.TemporaryDirectory(prefix="telepathy-export-") as tmp:
+            run_dir = from_mirror(args, Path(tmp)) if "://" in args.run_dir else args.run_dir
+            if args.best:
+                args.step = best_step(run_dir, args.step)
+            shard_bytes = parse_size(args.shard_size)
+            from .hf import as_dict, export  # torch, transformers: after the arguments are checked
 
-        result = export(args.run_dir, args.out, args.step, args.dtype, shard_bytes, args.adapter)
-    except (TelepathyError, ValueError) as exc:
+            result = export(run_dir, args.out, args.step, args.dtype, shard_bytes, args.adapter)
+    except (TelepathyError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return exits.BAD_INPUT
     if args.json:

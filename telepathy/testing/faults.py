@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 POINTS = ("save.start", "save.engine_done", "save.file_written", "save.hashed",
           "save.manifest_tmp", "save.done", "prune.manifest_removed", "step.start",
-          "step.exception", "step.oom", "eval.batch")
+          "step.exception", "step.oom", "eval.batch", "mirror.files_uploaded")
 ANY_STEP = -1
 
 

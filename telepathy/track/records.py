@@ -22,7 +22,8 @@ NOTED = (Event.START, Event.RESUME, Event.WORLD_SIZE_CHANGED, Event.CHECKPOINT_R
          Event.CHECKPOINT_FAILED, Event.CHECKPOINT_SKIPPED, Event.OOM_RECOVERED, Event.OOM,
          Event.HANG, Event.SIGNAL, Event.SAVE_DEADLINE_RISK, Event.PREEMPTED, Event.FINISHED,
          Event.ERROR, Event.REQUEUE, Event.REQUEUE_REFUSED, Event.CONFIG_FORCED,
-         Event.BEST_CHECKPOINT, Event.EVAL_STOPPED)
+         Event.BEST_CHECKPOINT, Event.EVAL_STOPPED, Event.MIRROR_FAILED, Event.MIRROR_UNFINISHED,
+         Event.MIRROR_FETCHED, Event.MIRROR_REJECTED)
 """Events shown as a text entry at their step."""
 
 
@@ -77,6 +78,11 @@ def note(event: dict[str, Any]) -> str | None:
                                          f"{e.get('previous_eval_loss')} at step "
                                          f"{e.get('previous_step')}",
         Event.EVAL_STOPPED: lambda e: f"{e.get('signal')}: evaluated again after the resume",
+        Event.MIRROR_FAILED: lambda e: f"{e.get('url')}: {e.get('error')} (attempt "
+                                       f"{e.get('failures')}, retry in {e.get('retry_in_s')} s)",
+        Event.MIRROR_UNFINISHED: lambda e: f"left for the next allocation: {e.get('wanted')}",
+        Event.MIRROR_FETCHED: lambda e: f"{e.get('checkpoint')} downloaded and verified",
+        Event.MIRROR_REJECTED: lambda e: f"{e.get('checkpoint')}: {e.get('problems')}",
     }.get(kind)
     return f"{head} at step {event_step(event, 0)}" + (f" ({details(event)})" if details else "")
 

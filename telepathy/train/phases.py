@@ -387,12 +387,9 @@ class Resumable:
     verify_s: float
 
 
-def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths, dist: Dist,
-                    events: EventLog, force: bool, data: dict | None = None,
-                    watchdog: Watchdog | None = None) -> Resumable:
-    """Collective: the newest valid checkpoint (damaged ones set aside, leftovers pruned), checked
-    against the config, with a universal copy if the world size changed."""
-    started = time.time()
+def newest_local(checkpoints: CheckpointManager, dist: Dist, events: EventLog) -> Found | None:
+    """Collective: the newest valid checkpoint of the run directory; damaged ones are set aside
+    and leftovers pruned."""
     found, rejected = checkpoints.newest_valid()
     for item in rejected:
         log.warning("skipping checkpoint %s: %s", item["checkpoint"], "; ".join(item["problems"]))
@@ -400,6 +397,46 @@ def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths
     if dist.is_main:  # no save is in flight (we hold the run lock)
         checkpoints.set_aside(rejected)
         checkpoints.prune()
+    return found
+
+
+MIRROR_FETCH_TIMEOUT_S = 3600.0
+"""The watchdog's allowance for downloading a checkpoint from the mirror at a start."""
+
+
+def from_mirror(store: Any, paths: RunPaths, dist: Dist, events: EventLog, newer_than: int,
+                watchdog: Watchdog | None) -> bool:
+    """Collective: rank 0 downloads the mirror's newest complete checkpoint when it is newer than
+    step `newer_than` (verified as it arrives; a damaged one falls back to the previous). A
+    mirror that cannot be reached is reported and the run goes on from what it has locally."""
+    from ..checkpoint import mirror
+
+    if watchdog is not None:
+        watchdog.expect("start-up: looking for a newer checkpoint on the mirror",
+                        MIRROR_FETCH_TIMEOUT_S)
+    fetched = None
+    if dist.is_main:
+        try:
+            fetched = mirror.fetch(store, paths, newer_than, report=events.emit)
+        except Exception as exc:  # unreachable, refused: the local checkpoints stand
+            log.warning("could not read the mirror %s (%s: %s); going on without it", store.url,
+                        type(exc).__name__, exc)
+            events.emit(Event.MIRROR_FAILED, url=store.url, error=f"{type(exc).__name__}: {exc}"
+                        [:500], failures=1, failing_s=0.0, retry_in_s=0.0)
+    return dist.broadcast_object(fetched) is not None
+
+
+def find_checkpoint(checkpoints: CheckpointManager, cfg: Config, paths: RunPaths, dist: Dist,
+                    events: EventLog, force: bool, data: dict | None = None,
+                    watchdog: Watchdog | None = None, mirror: Any = None) -> Resumable:
+    """Collective: the newest valid checkpoint (damaged ones set aside, leftovers pruned), or the
+    mirror's (checkpoint.mirror) when it is newer, checked against the config, with a universal
+    copy if the world size changed."""
+    started = time.time()
+    found = newest_local(checkpoints, dist, events)
+    if mirror is not None and from_mirror(mirror, paths, dist, events,
+                                          found.step if found else -1, watchdog):
+        found = newest_local(checkpoints, dist, events)
     verify_s = time.time() - started
     if found is None:
         return Resumable(None, None, verify_s)

@@ -183,14 +183,44 @@ def build(run: Allocation, layout: Any, device: Any, offload: Any, checkpoints: 
     return engine, parameters, trainable
 
 
+def open_mirror(cfg: Config) -> Any:
+    """checkpoint.mirror's store (no request is made yet), or None."""
+    if cfg.checkpoint.mirror is None:
+        return None
+    from ..checkpoint.mirror import open_store
+    return open_store(cfg.checkpoint.mirror, cfg.checkpoint.mirror_options)
+
+
+def mirror_uploader(stack: ExitStack, run: Allocation, store: Any, checkpoints: Any,
+                    faults: FaultPlan) -> Any:
+    """Rank 0's background uploads to the mirror, started now (what an earlier allocation left
+    unfinished goes on at once) and woken by every durable save."""
+    if store is None or not run.dist.is_main:
+        return None
+    from ..checkpoint.mirror import Uploader
+
+    uploader = Uploader(store, run.paths, run.cfg.checkpoint.mirror_kept, run.logs.events.emit,
+                        faults).start()
+    stack.callback(uploader.stop)
+    checkpoints.on_durable = uploader.wake
+    uploader.wake()
+    return uploader
+
+
+MIRROR_EXIT_S = 600.0
+"""At most this long, the end of a process waits for the mirror's uploads (after a preemption
+signal: at most what SLURM leaves, less a margin; the next allocation goes on with the rest)."""
+
+
 def make_trainer(stack: ExitStack, run: Allocation, engine: Any, stream: Any, layout: Any,
                  layouts: Layouts, checkpoints: Any, start: Any, flag: PreemptionFlag,
-                 faults: FaultPlan, dump: StateDump) -> Any:
+                 faults: FaultPlan, dump: StateDump, uploader: Any = None) -> Any:
     """The training loop's collaborators: the steps on the engine, the evaluation, the tracker
-    relay (stopped by `stack`), the carrying of a smaller micro-batch after an OOM."""
+    relay (stopped by `stack`), the mirror's last uploads, the carrying of a smaller micro-batch
+    after an OOM."""
     from . import phases
     from .steps import EngineSteps, objective_of
-    from .trainer import Trainer
+    from .trainer import EXIT_MARGIN_S, Trainer
 
     cfg, dist = run.cfg, run.dist
     relay = phases.tracker_relay(cfg, run.paths, dist, run.logs.restart, start.step,
@@ -205,13 +235,26 @@ def make_trainer(stack: ExitStack, run: Allocation, engine: Any, stream: Any, la
         logs.flush()
         os._exit(exits.OUT_OF_MEMORY)
 
+    def before_exit(budget_s: float) -> None:
+        """Rank 0's last work (every rank waits for it at the barrier after): the tracker relay's
+        flush, then the mirror's uploads in hand."""
+        if cfg.checkpoint.mirror is not None:
+            run.watchdog.expect("leaving: waiting for rank 0's tracker relay and mirror upload",
+                                budget_s + MIRROR_EXIT_S + 30)
+        if relay is not None:
+            relay.stop(budget_s)
+        if uploader is not None:
+            left = phases.time_left(run.slurm)
+            uploader.finish(MIRROR_EXIT_S if left is None
+                            else max(0.0, min(MIRROR_EXIT_S, left - EXIT_MARGIN_S)))
+
     steps = EngineSteps(engine, stream, dist, faults, objective_of(cfg, stream))
     trainer = Trainer(cfg, dist, steps, stream, layout,
                       checkpoints, flag, run.logs.metrics, run.logs.events, run.info, faults,
                       time_left=lambda: phases.time_left(run.slurm), dump=dump,
                       watchdog=run.watchdog, carry=carry,
                       switches=layouts.switches(start.step + 1),
-                      before_exit=relay.stop if relay is not None else lambda budget_s: None,
+                      before_exit=before_exit,
                       evaluator=phases.evaluator(cfg, dist, layout.micro_batch, faults))
     return trainer
 
@@ -225,11 +268,13 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
 
     device = phases.choose_device(cfg, env)
     layouts = plan_layouts(cfg, env, device.gpu_mem_gib, paths)
+    mirror = open_mirror(cfg)  # before any distributed work: a bad URL or a missing client
     with ExitStack() as stack:
         run = open_allocation(stack, cfg, paths, env, slurm, device, layouts, data, log_files)
         checkpoints = checkpoint_manager(run, faults)
         resumable = phases.find_checkpoint(checkpoints, cfg, paths, run.dist, run.logs.events,
-                                           force, data, run.watchdog)
+                                           force, data, run.watchdog, mirror)
+        uploader = mirror_uploader(stack, run, mirror, checkpoints, faults)
         run.expect("preparing the data")
         phases.write_effective_config(cfg, paths, run.dist)
         phases.keep_tokenizer(data, paths, run.dist)
@@ -243,7 +288,7 @@ def train(cfg: Config, paths: RunPaths, env: DistEnv, slurm: SlurmEnv, flag: Pre
                                run.logs.restart, parameters, layouts.placement, run.dist, paths,
                                trainable)
         trainer = make_trainer(stack, run, engine, stream, layout, layouts, checkpoints, start,
-                               flag, faults, dump)
+                               flag, faults, dump, uploader)
         dump.after_load(engine, run.dist, start.step)
         settle_gc()
         return trainer.run(start.step, start.train_time_s, start.samples_seen, start.evaluated)

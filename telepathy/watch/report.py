@@ -54,6 +54,8 @@ def build(run_dir: Path) -> dict[str, Any]:
                         "bytes_last": saves[-1]["bytes"] if saves else None, "list": saves},
         "eval": evaluation(view),
         "trackers": view.trackers,
+        "mirror": view.mirror,
+        "warnings": view.warnings,
         "markers": view.markers,
         "series": {"step": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],
                    "tokens_per_s": [r["tokens_per_s"] for r in rows]},
@@ -87,6 +89,16 @@ def text(report: dict[str, Any]) -> str:
         f"checkpoints {ck['saves']} saved, mean {f(ck['seconds_mean'], '.2f')} s, max "
         f"{f(ck['seconds_max'], '.2f')} s, last {f(ck['bytes_last'], ',')} bytes"]
     lines += [f"{name:<10} {where}" for name, where in report.get("trackers", {}).items()]
+    mirror = report.get("mirror")
+    if mirror:
+        up = mirror["uploaded"]
+        lines.append(f"mirror     {mirror['uploads']} upload(s), newest "
+                     f"{up['checkpoint'] if up else '-'}"
+                     + (f"; fetched {', '.join(f['checkpoint'] for f in mirror['fetched'])}"
+                        if mirror["fetched"] else "")
+                     + (f"; rejected {', '.join(r['checkpoint'] for r in mirror['rejected'])}"
+                        if mirror["rejected"] else ""))
+    lines += [f"warning    {w}" for w in report.get("warnings", [])]
     lines.append("allocations:")
     for a in report["allocations"]:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started_at"]))

@@ -57,6 +57,9 @@ class RunView:
     """Steps where the run was stopped (preempted) and resumed, for plots."""
     warnings: list[str] = field(default_factory=list)
     trackers: dict[str, str] = field(default_factory=dict)
+    mirror: dict[str, Any] | None = None
+    """checkpoint.mirror's state from its events: the newest checkpoint uploaded, and whether
+    uploads are failing (since when, the error) or were left unfinished; None: no mirror."""
     """Where each tracker's run is (track:), from the relay's `tracking` events; a tracker that
     failed in the newest allocation says so."""
     evals: list[tuple[int, float]] = field(default_factory=list)
@@ -175,6 +178,13 @@ def summarize(config: dict[str, Any] | None, metrics: list[dict[str, Any]],
     else:
         state = "running"
     warnings = [f"no update for {now - last_update:.0f} s"] if state == "stale" else []
+    mirror = mirror_state(events)
+    if mirror and mirror.get("failing"):
+        warnings.append(f"mirror uploads failing since {mirror['failing']['since']:.0f} "
+                        f"({mirror['failing']['failures']} attempts): {mirror['failing']['error']}")
+    if mirror and mirror.get("unfinished"):
+        warnings.append("the mirror lacks " + ", ".join(mirror["unfinished"]) + " (the last "
+                        "allocation left the upload unfinished; the next one goes on with it)")
     last_system = next((s for s in reversed(system) if "cpu_pct" in s), None)
     trackers = {e["tracker"]: str(e.get("where")) for e in of_kind(events, Event.TRACKING)}
     newest = allocs[-1].index if allocs else None
@@ -196,4 +206,31 @@ def summarize(config: dict[str, Any] | None, metrics: list[dict[str, Any]],
                           for e in saves],
         last_update=last_update, job_id=allocs[-1].job_id if allocs else None,
         system=last_system, loss_trend=[loss for _, loss in losses[-40:]], markers=markers,
-        warnings=warnings, **evaluations(metrics, events))
+        warnings=warnings, mirror=mirror, **evaluations(metrics, events))
+
+
+MIRROR_EVENTS = (Event.MIRROR_UPLOADED, Event.MIRROR_FAILED, Event.MIRROR_UNFINISHED,
+                 Event.MIRROR_FETCHED, Event.MIRROR_REJECTED)
+
+
+def mirror_state(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The mirror's state: the newest upload, a failing streak (mirror_failed after the last
+    upload), an unfinished upload (mirror_unfinished after it), fetches at starts."""
+    seen = [e for e in events if e.get("event") in MIRROR_EVENTS]
+    if not seen:
+        return None
+    uploads = of_kind(seen, Event.MIRROR_UPLOADED)
+    last_ok = uploads[-1]["time"] if uploads else float("-inf")
+    failed = [e for e in of_kind(seen, Event.MIRROR_FAILED) if e.get("time", 0) > last_ok]
+    unfinished = [e for e in of_kind(seen, Event.MIRROR_UNFINISHED) if e.get("time", 0) > last_ok]
+    return {
+        "uploaded": {k: uploads[-1].get(k) for k in ("step", "checkpoint", "time", "seconds")}
+        if uploads else None,
+        "uploads": len(uploads),
+        "failing": {"since": failed[0]["time"], "failures": failed[-1].get("failures"),
+                    "error": failed[-1].get("error")} if failed else None,
+        "unfinished": unfinished[-1].get("wanted") if unfinished else None,
+        "fetched": [{k: e.get(k) for k in ("checkpoint", "step", "time")}
+                    for e in of_kind(seen, Event.MIRROR_FETCHED)],
+        "rejected": [{k: e.get(k) for k in ("checkpoint", "problems")}
+                     for e in of_kind(seen, Event.MIRROR_REJECTED)]}

@@ -134,6 +134,11 @@ def render(run_dir: Path, view: RunView, now: float, job: str | None,
         facts.add_row("checkpoint", f"step {step}, {_age(now - saved)} ago")
     else:
         facts.add_row("checkpoint", "none yet")
+    if view.mirror is not None:
+        up = view.mirror["uploaded"]
+        facts.add_row("mirror", (f"step {up['step']} uploaded {_age(now - up['time'])} ago"
+                                 if up else "nothing uploaded yet")
+                      + (", FAILING" if view.mirror["failing"] else ""))
     facts.add_row("job", f"{view.job_id or '-'}" + (f": {job}" if job else ""))
     if view.system:
         s = view.system

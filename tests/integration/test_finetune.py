@@ -12,14 +12,7 @@ from safetensors.torch import load_file
 from telepathy.core.paths import RunPaths
 from telepathy.export import hf
 from tests import support
-from tests.support import LORA_CONFIG, PACED, RNG, assert_same_losses
-
-
-def assert_preempted(rc, world, run_dir):
-    """The ranks saved and left with the preemption exit (torchrun itself exits 1 after it
-    forwarded the signal)."""
-    assert rc == (75 if world == 1 else 1), support.log_text(run_dir)
-    assert support.events(run_dir, "preempted"), support.log_text(run_dir)
+from tests.support import LORA_CONFIG, PACED, RNG, assert_preempted, assert_same_losses
 
 
 def newest_checkpoint(run_dir):

@@ -113,3 +113,28 @@ def test_tail_shows_the_newest_and_the_best_evaluation(tmp_path, capsys, with_ev
     assert evals == [["eval", "1.5500 at step 8 (best 1.5000 at step 4), best checkpoint step 4"]]
     loss, = [line for line in out if line.startswith("loss ")]
     assert loss.split()[1] == f"{trained(8, 1)['loss']:.4f}"  # the training loss, not an eval's
+
+
+def test_tail_and_report_say_when_mirror_uploads_fail_and_when_they_caught_up(tmp_path, capsys):
+    root = run_dir(tmp_path / "run", with_evals=False)
+    events = root / "events.jsonl"
+    up = lambda step, t: {"event": "mirror_uploaded", "step": step,  # noqa: E731
+                          "checkpoint": f"step_{step:08d}", "time": t, "seconds": 0.5}
+    failed = lambda t, n: {"event": "mirror_failed", "url": "s3://b/r", "time": t,  # noqa: E731
+                           "error": "ReadTimeoutError: timed out", "failures": n}
+    with events.open("a") as f:
+        for e in (up(4, 1005.0), failed(1006.0, 1), failed(1007.0, 2)):
+            f.write(json.dumps(e) + "\n")
+    seen = report.build(root)
+    assert seen["mirror"]["failing"] == {"since": 1006.0, "failures": 2,
+                                         "error": "ReadTimeoutError: timed out"}
+    assert any("mirror uploads failing" in w for w in seen["warnings"])
+    assert "mirror uploads failing" in report.text(seen)
+    assert tail.main([str(root), "--once", "--no-slurm"]) == 0
+    shown = capsys.readouterr().out
+    assert "FAILING" in shown and "mirror uploads failing" in shown
+    with events.open("a") as f:
+        f.write(json.dumps(up(8, 1008.0)) + "\n")
+    seen = report.build(root)
+    assert seen["mirror"]["failing"] is None and seen["mirror"]["uploaded"]["step"] == 8
+    assert not any("mirror" in w for w in seen["warnings"])
