@@ -21,7 +21,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # own cluster).
 # (xdist's own --dist loadgroup cannot do this under pytest 9: it renames `item._nodeid`, which
 # pytest 9 no longer reads, so its groups are silently ignored.)
-SPREAD = ("tests/slurm/", "tests/integration/test_resume.py",
+SPREAD = ("tests/slurm/", "tests/integration/test_resume.py", "tests/integration/test_mirror.py",
           "tests/integration/test_checkpoints.py", "tests/integration/test_never_hang.py",
           "tests/integration/test_elastic.py", "tests/integration/test_launch_local.py",
           "tests/integration/test_bench.py", "tests/integration/test_finetune.py",
@@ -45,7 +45,8 @@ def pytest_xdist_make_scheduler(config, log):
 # The longest units of tests/integration (`--durations`, 2026-12-04: 50-115 s each, a whole file
 # where it is one unit), handed out first, in this order, so that the suite does not end on one
 # of them while the other workers have nothing left.
-LONG_FIRST = ("tests/integration/test_sft.py::test_world_two_resumes_exactly",
+LONG_FIRST = ("tests/integration/test_mirror.py::test_sigterm",
+              "tests/integration/test_sft.py::test_world_two_resumes_exactly",
               "tests/integration/test_module.py::test_the_bridge_resumes_exactly",
               "tests/integration/test_real_text.py",
               "tests/integration/test_track.py::test_one_tracker_run",
@@ -58,6 +59,7 @@ LONG_FIRST = ("tests/integration/test_sft.py::test_world_two_resumes_exactly",
               "tests/integration/test_package.py",
               "tests/integration/test_bench.py::test_chaos_benchmark_smoke",
               "tests/integration/test_bench.py::test_finetune_benchmark_smoke",
+              "tests/integration/test_mirror.py::test_a_kill",
               "tests/integration/test_watch.py")
 
 

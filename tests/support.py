@@ -426,6 +426,36 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def read_only_keys(self, bucket: str) -> dict[str, str]:
+        """Credentials of a new IAM user of this server allowed to read and list `bucket`, not
+        to write it (the server checks them once `authorizing()` is on)."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.url, region_name="us-east-1",
+                           aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                           aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+        name = f"reader-{bucket}"
+        iam.create_user(UserName=name)
+        where = [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]
+        iam.put_user_policy(UserName=name, PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": where},
+                {"Effect": "Deny", "Action": ["s3:PutObject", "s3:DeleteObject"],
+                 "Resource": where}]}))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+    def authorizing(self, on: bool) -> None:
+        """Whether the server checks every request's credentials against its IAM users'
+        policies (moto's /moto-api/reset-auth; off: anything goes, the default)."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(
+            f"{self.url}/moto-api/reset-auth", data=b"0" if on else b"inf", method="POST",
+            headers={"Content-Type": "text/plain"}),
+            timeout=30).read()
+
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,19 +13,24 @@ from .events import is_eval_row, is_train_row
 
 
 class JsonlWriter:
-    """Appends one JSON object per line, flushed at once so a tail on another node sees it."""
+    """Appends one JSON object per line, flushed at once so a tail on another node sees it.
+    Threads may share one (the mirror's uploader emits events beside the training loop): a line
+    is written whole under a lock."""
 
     def __init__(self, path: Path, fsync: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.fsync = fsync
         self._file = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

@@ -120,6 +120,37 @@ def test_upload_verify_resume_an_upload_fall_back_and_prune(aws, reference_run, 
     assert [s for s, _, _ in store.complete()][0] == 60
 
 
+def test_a_store_refusing_writes_is_reported_and_never_counted(aws, reference_run, monkeypatch):
+    """Keys that may read the bucket but not write it (the server checking them against its IAM
+    policies): every pass fails with the store's refusal, retried and reported (mirror_failed
+    naming it), and nothing counts on the mirror; with write access back, the next pass
+    uploads."""
+    source = RunPaths.at(reference_run(1))
+    bucket = aws.bucket()
+    reader = aws.read_only_keys(bucket)
+    events = []
+    aws.authorizing(True)
+    try:
+        for key, value in reader.items():
+            monkeypatch.setenv(key, value)
+        store = mirror.open_store(f"s3://{bucket}/runs/r")
+        uploader = mirror.Uploader(store, source, keep=2,
+                                   report=lambda e, **f: events.append((e, f))).start()
+        uploader.wake()
+        assert not uploader.finish(5.0)  # it could not finish
+        assert mirrored_steps(store) == []  # read access: the listing works, nothing counted
+    finally:
+        aws.authorizing(False)
+    failed = [f for e, f in events if e == Event.MIRROR_FAILED]
+    assert failed and failed[0]["error"] == "PermissionError: Access Denied"  # the store's refusal
+    assert [e for e, _ in events][-1] == Event.MIRROR_UNFINISHED
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", aws.env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws.env["AWS_SECRET_ACCESS_KEY"])
+    mirror.Uploader(mirror.open_store(f"s3://{bucket}/runs/r"), source, keep=2,
+                    report=lambda e, **f: None).sync()
+    assert mirrored_steps(store) == [60, 40]
+
+
 def test_a_mirror_url_is_checked_before_any_distributed_work(aws, tmp_path):
     with pytest.raises(ConfigError, match=r"pip install 'telepathy\[mirror\]'"):
         mirror.open_store("gs://bucket/run")  # no gcsfs here: the install command is named
@@ -145,10 +176,11 @@ def assert_exact_from(run_dir, reference: dict, first: int) -> None:
 def test_sigterm_then_the_run_directory_deleted_resumes_from_the_mirror_exactly(
         world, aws, reference, tmp_path):
     """World 2, SIGTERM at a random step: the checkpoint saved at the signal is complete on the
-    mirror when the job has exited, every object hashing as its manifest says. The run
-    directory deleted, the same command resumes from the mirror and every later loss equals the
-    uninterrupted run's; with a byte flipped in the newest mirrored checkpoint, it falls back to
-    the previous one, says so, and is exact again."""
+    mirror when the job has exited, every object hashing as its manifest says. Then a byte
+    flipped in it on the mirror and the run directory deleted: the same command resumes from
+    the mirror, falls back to the previous mirrored checkpoint and says so, every later loss is
+    bit for bit the uninterrupted run's, and the run's last checkpoint is mirrored before it
+    exits. (The newest mirrored checkpoint fetched as it is: test_upload_verify_...)"""
     bucket = aws.bucket()
     url = f"s3://{bucket}/runs/b"
     sets = [f"checkpoint.mirror={url}", "checkpoint.mirror_keep=2"]
@@ -159,8 +191,9 @@ def test_sigterm_then_the_run_directory_deleted_resumes_from_the_mirror_exactly(
     paths = RunPaths.at(run_dir)
     saved = directory.complete_steps(paths.checkpoints)[-1]
     assert saved >= seen
+    previous = 40 if saved > 40 else 20
     store = mirror.open_store(url)
-    assert mirrored_steps(store) == [saved, 40 if saved > 40 else 20]
+    assert mirrored_steps(store) == [saved, previous]
     manifest = directory.read_manifest(paths.checkpoint(saved))
     name = paths.checkpoint(saved).name
     objects = mirror_objects(aws.client(), bucket, f"runs/b/checkpoints/{name}")
@@ -168,26 +201,16 @@ def test_sigterm_then_the_run_directory_deleted_resumes_from_the_mirror_exactly(
     assert all(matches_manifest(objects[rel], e) for rel, e in manifest["files"].items())
     assert [e["step"] for e in support.events(run_dir, Event.MIRROR_UPLOADED)][-1] == saved
 
-    shutil.rmtree(run_dir)
-    assert support.run(run_dir, world, sets, env=aws.env) == 0, support.log_text(run_dir)
-    fetched, = support.events(run_dir, Event.MIRROR_FETCHED)
-    assert fetched["step"] == saved
-    assert_exact_from(run_dir, reference(world), saved + 1)
-    assert mirrored_steps(store) == [60, 40]  # the last checkpoint, uploaded before the exit
-
-    final = json.loads(store.fs.cat_file(store.path("step_00000060", "MANIFEST.json")))
-    flip_byte(aws.client(), bucket, f"runs/b/checkpoints/step_00000060/{largest(final)}")
+    flip_byte(aws.client(), bucket, f"runs/b/checkpoints/{name}/{largest(manifest)}")
     shutil.rmtree(run_dir)
     assert support.run(run_dir, world, sets, env=aws.env) == 0, support.log_text(run_dir)
     rejected, = support.events(run_dir, Event.MIRROR_REJECTED)
-    assert rejected["checkpoint"] == "step_00000060" and largest(final) in rejected["problems"][0]
+    assert rejected["checkpoint"] == name and largest(manifest) in rejected["problems"][0]
     fetched, = support.events(run_dir, Event.MIRROR_FETCHED)
-    assert fetched["step"] == 40 and "damaged" in support.log_text(run_dir)
-    assert_exact_from(run_dir, reference(world), 41)
-    # The damaged copy stopped counting when it was found; the run's own 60 replaced it.
-    again = store.manifest("step_00000060")
-    assert mirrored_steps(store) == [60, 40] and again != final
-    assert mirror.verify(store, "step_00000060", again) == []
+    assert fetched["step"] == previous and "damaged" in support.log_text(run_dir)
+    assert_exact_from(run_dir, reference(world), previous + 1)
+    assert mirrored_steps(store) == [60, 40]  # the last checkpoint, uploaded before the exit
+    assert mirror.verify(store, "step_00000060", store.manifest("step_00000060")) == []
 
 
 def test_a_kill_before_the_manifest_and_a_hung_server_never_count_and_catch_up(aws, tmp_path):
