@@ -2,7 +2,6 @@
 on 127.0.0.1, reached over HTTP by s3fs (telepathy) and read with boto3 (the other tool). The
 endpoint and keys come from the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
 
-import json
 import os
 import shutil
 import signal
