@@ -24,4 +24,5 @@ bench-smoke: setup
 	.venv/bin/python -m bench.sft --smoke
 	.venv/bin/python -m bench.track_overhead --smoke
 	.venv/bin/python -m bench.startup --smoke
+	.venv/bin/python -m bench.mirror --smoke
 	.venv/bin/python -m bench.chaos --smoke --workdir runs/chaos-smoke

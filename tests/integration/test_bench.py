@@ -139,6 +139,16 @@ def test_resume_benchmark_smoke():
     assert "why" in result or result["ratios"]["resume_vs_cold_start"] <= 1.2
 
 
+def test_mirror_benchmark_smoke():
+    report = smoke("bench.mirror")
+    assert_sane(report)
+    assert_ratios_measured_or_explained(report)
+    assert len(report["mirror"]) == 1 and report["no_mirror"] == []  # the smoke: one run
+    run = report["mirror"][0]
+    assert run["uploads"] >= 1 and run["mirrored_steps"][0] == 60  # caught up by the exit
+    assert report["complete_only_with_manifest"]
+
+
 def test_startup_benchmark_smoke():
     report = smoke("bench.startup")
     assert_sane(report)
