@@ -54,6 +54,7 @@ def main(out: Path) -> None:
                              if id(p) in persistent)
     (out / f"rank-{dist.rank}.json").write_text(json.dumps(report))
     dist.barrier()
+    distributed.stop()  # destroy the process group: exiting with it live can abort (SIGABRT)
 
 
 if __name__ == "__main__":
