@@ -72,8 +72,9 @@ def open_store(url: str, options: dict[str, Any] | None = None) -> Store:
     extra = dict(S3_OPTIONS) if protocol in ("s3", "s3a") else {}
     if protocol in ("s3", "s3a"):
         extra["use_listings_cache"] = False
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **{**extra, **(options or {})})
+    try:  # a new client each time: fsspec's cached one keeps the credentials it was made with
+        fs, root = fsspec.core.url_to_fs(url, **{**extra, "skip_instance_cache": True,
+                                                 **(options or {})})
     except ImportError as exc:
         raise ConfigError(f"checkpoint.mirror {url!r} needs the {protocol}:// client "
                           f"({exc.name or exc}); install it with: {INSTALL}") from exc
