@@ -65,6 +65,8 @@ def from_mirror(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..checkpoint.mirror import is_url
+
     logs.configure(0)
     p = argparse.ArgumentParser(prog="telepathy export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="telepathy-export-") as tmp:
-            run_dir = from_mirror(args, Path(tmp)) if "://" in args.run_dir else args.run_dir
+            run_dir = from_mirror(args, Path(tmp)) if is_url(args.run_dir) else args.run_dir
             if args.best:
                 args.step = best_step(run_dir, args.step)
             shard_bytes = parse_size(args.shard_size)
